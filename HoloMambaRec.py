@@ -1,0 +1,1684 @@
+"""HoloMambaRec: metadata-aware sequential recommendation with holographic binding and a Mamba encoder.
+
+Each item embedding is bound to its attribute embedding by circular convolution (holographic reduced
+representations, computed with the FFT); the sequence of bound embeddings goes through a shallow Mamba
+selective state-space encoder that scores the next item over the whole catalog. Around the model: SASRec,
+GRU4Rec and an item-only Mamba ablation; loaders for MovieLens-1M, Amazon Beauty, generic CSV and RecBole
+atomic files; benchmark, ablation, grid search, compression, efficiency and statistics stages; figures.
+
+    python HoloMambaRec.py --quick                      # whole pipeline on built-in synthetic data (CPU, ~1 min)
+    python HoloMambaRec.py --data_dir=../shared/datasets # the paper's pipeline on ML-1M and Beauty
+    python HoloMambaRec.py --help                       # every config key with its meaning
+
+Protocol: leave-one-out (last item = test, second-to-last = validation), full ranking over all items,
+model selection on validation NDCG@10 only, the test split evaluated once per run with the best weights.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import csv
+import fcntl
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+try:  # fused CUDA selective scan (GPU only); the PyTorch scans below are used otherwise
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except Exception:  # ImportError, or a wheel built for another torch/CUDA
+    _mamba_selective_scan_fn = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
+except Exception:
+    _causal_conv1d_fn = None
+
+# =====================================================================================================
+# Configuration
+# =====================================================================================================
+# Every key can be overridden on the command line as --key=value; the value is parsed as the default's
+# type and checked. Lists are comma-separated strings so that a config is plain data (it is stored in
+# every checkpoint and every results row).
+GLOBAL_CONFIG = {
+    "stage": "all",  # comma list of stages to run: benchmark, ablation, grid, compression, efficiency, stats; all = paper sequence
+    "preset": "default",  # hyper-parameter preset merged over these defaults: default, paper, best, quick
+    "quick": False,  # whole pipeline on the built-in synthetic dataset in about a minute on the CPU
+    "dataset": "ml-1m,amazon-beauty",  # comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>
+    "models": "HoloMamba,SASRec,GRU4Rec",  # models of the benchmark stage: HoloMamba, Mamba-ItemOnly, SASRec, GRU4Rec
+    "seeds": "42",  # comma list of random seeds; every (dataset, model) is trained once per seed
+    "data_dir": os.environ.get("HOLOMAMBA_DATA_DIR", "data"),  # dataset folder (env HOLOMAMBA_DATA_DIR sets the default)
+    "download": True,  # download missing official files into data_dir (needs internet)
+    "min_user_count": 5,  # k-core: keep users with at least this many interactions (iterated with items)
+    "min_item_count": 5,  # k-core: keep items with at least this many interactions
+    "attribute_mode": "all",  # first (one attribute per item, as the paper) | all (every attribute, bundled) | modulo (paper's Beauty parity: item_id % 50)
+    "max_attributes": 8,  # at most this many attributes per item in "all" mode
+    "max_len": 50,  # length of the input window (most recent items)
+    "d_model": 64,  # embedding / hidden width
+    "n_layers": 2,  # encoder layers (Mamba blocks, transformer blocks or GRU layers)
+    "d_state": 16,  # Mamba state size N per channel
+    "d_conv": 4,  # Mamba depthwise causal convolution width
+    "expand": 2,  # Mamba inner width = expand * d_model
+    "ffn": True,  # position-wise feed-forward sublayer after each Mamba block (as Mamba4Rec)
+    "dropout": 0.2,  # dropout on embeddings and sublayer outputs
+    "n_heads": 1,  # SASRec attention heads
+    "scan_backend": "auto",  # auto | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (Python loop)
+    "epochs": 200,  # maximum training epochs (early stopping usually ends sooner)
+    "batch_size": 128,  # training sequences per step
+    "lr": 1e-3,  # AdamW learning rate
+    "weight_decay": 0.0,  # AdamW weight decay
+    "warmup_epochs": 0,  # linear learning-rate warm-up, in epochs
+    "grad_clip": 1.0,  # gradient-norm clipping (0 = off)
+    "label_smoothing": 0.0,  # label smoothing of the full-softmax cross-entropy
+    "num_negatives": 0,  # 0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction
+    "patience": 10,  # evaluations without a better validation NDCG@10 before training stops
+    "eval_every": 1,  # evaluate on validation every this many epochs
+    "eval_batch_size": 1024,  # users per evaluation batch
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "amp": True,  # bf16 autocast on CUDA (the CPU always trains in fp32)
+    "compile": False,  # torch.compile the model
+    "results_dir": "results",  # CSV / JSON / Markdown outputs
+    "figures_dir": "figures",  # PNG figures
+    "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
+    "grid_csv": "grid_search_results.csv",  # grid-search log: one row per finished trial, appended as it finishes
+    "grid_max_trials": 0,  # run at most this many grid trials (0 = all)
+    "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k
+    "compression_len": 200,  # compression stage: history length fed to the bundled model
+    "cold_user_fraction": 0.2,  # cold-start slice: the users with the shortest training histories (this fraction)
+    "cold_item_max_count": 10,  # cold-item slice: test targets seen at most this many times in training
+    "efficiency_lengths": "50,200,512,1024,2048",  # efficiency stage: sequence lengths
+    "efficiency_batch": 64,  # efficiency stage: training / inference batch size
+    "efficiency_catalogs": "10000,100000,1000000",  # efficiency stage: catalog sizes for full vs sampled softmax
+}
+
+# Presets are merged over GLOBAL_CONFIG; a key named after a dataset holds that dataset's own values.
+# Precedence: defaults < preset < preset[dataset] < command line.
+PRESETS = {
+    "default": {
+        "ml-1m": {"max_len": 200},
+        "amazon-beauty": {"max_len": 50, "dropout": 0.5},
+    },
+    # The paper's protocol: 10 epochs, L=50, d=96, N=16, batch 64, lr 1e-3, 3 layers (ML-1M) / 2 (Beauty).
+    "paper": {
+        "epochs": 10, "max_len": 50, "d_model": 96, "d_state": 16, "batch_size": 64, "lr": 1e-3,
+        "attribute_mode": "first", "ffn": False, "dropout": 0.1, "patience": 10,
+        "ml-1m": {"n_layers": 3},
+        "amazon-beauty": {"n_layers": 2, "attribute_mode": "modulo"},
+    },
+    "best": {
+        "ml-1m": {"max_len": 200},
+        "amazon-beauty": {"max_len": 50, "dropout": 0.5},
+    },
+    "quick": {
+        "dataset": "synthetic", "models": "HoloMamba,SASRec,GRU4Rec", "max_len": 20, "d_model": 32,
+        "n_layers": 1, "epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 3, "dropout": 0.1,
+        "results_dir": "results/quick", "figures_dir": "figures/quick", "checkpoint_dir": "checkpoints/quick",
+        "grid_csv": "results/quick/grid_search_results.csv", "grid_max_trials": 2,
+        "compression_len": 32, "efficiency_lengths": "32,128", "efficiency_batch": 16,
+        "efficiency_catalogs": "1000,10000",
+    },
+}
+
+# Grid searched by the grid stage (HoloMamba, every dataset of the run). Selection is on validation NDCG@10.
+GRID = {
+    "d_model": [64, 128],
+    "n_layers": [1, 2],
+    "dropout": [0.2, 0.5],
+    "attribute_mode": ["first", "all"],
+}
+
+STAGES = ("benchmark", "ablation", "grid", "compression", "efficiency", "stats")
+MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec")
+BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
+METRIC_KS = (5, 10, 20)
+
+
+class ConfigError(ValueError):
+    """A bad --key=value, an unknown key, or a value out of range."""
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing, corrupt, or empty after filtering."""
+
+
+def as_list(value, kind=str):
+    """Parse a comma-separated config string into a list of `kind`."""
+    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
+def config_help():
+    """Each GLOBAL_CONFIG key with its default and comment, read from this file's source."""
+    lines = Path(__file__).read_text().split("GLOBAL_CONFIG = {", 1)[1].split("\n}", 1)[0].splitlines()
+    out = ["usage: python HoloMambaRec.py [--quick] [--key=value ...]", "", "keys (default, meaning):"]
+    for line in lines:
+        m = re.match(r'\s*"(\w+)":.*#\s*(.*)$', line)
+        if m:
+            out.append(f"  --{m.group(1)}={GLOBAL_CONFIG[m.group(1)]!s:<14} {m.group(2)}")
+    return "\n".join(out)
+
+
+def parse_value(key, text):
+    """Convert a command-line string to the type of GLOBAL_CONFIG[key]."""
+    if key not in GLOBAL_CONFIG:
+        raise ConfigError(f"unknown config key '{key}' (python HoloMambaRec.py --help lists the keys)")
+    default = GLOBAL_CONFIG[key]
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text}: expected {type(default).__name__}") from None
+
+
+def parse_cli(argv):
+    """--key=value arguments -> dict of overrides (checked against GLOBAL_CONFIG's keys and types)."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': use --key=value")
+        key, sep, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            if not isinstance(GLOBAL_CONFIG.get(key), bool):
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            text = "true"
+        overrides[key] = parse_value(key, text)
+    if overrides.get("quick") and "preset" not in overrides:
+        overrides["preset"] = "quick"
+    return overrides
+
+
+def resolve_config(overrides, dataset=None):
+    """defaults < preset < preset[dataset] < overrides, validated."""
+    preset_name = overrides.get("preset", GLOBAL_CONFIG["preset"])
+    if preset_name not in PRESETS:
+        raise ConfigError(f"--preset={preset_name}: unknown preset (choose from {', '.join(PRESETS)})")
+    preset = PRESETS[preset_name]
+    cfg = dict(GLOBAL_CONFIG)
+    cfg.update({k: v for k, v in preset.items() if not isinstance(v, dict)})
+    if dataset is not None:
+        cfg.update(preset.get(dataset, {}))
+        cfg["dataset"] = dataset
+    cfg.update(overrides)
+    if dataset is not None:
+        cfg["dataset"] = dataset
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    """Raise ConfigError naming the first key whose value is out of range."""
+    def need(ok, key, what):
+        if not ok:
+            raise ConfigError(f"--{key}={cfg[key]}: {what}")
+
+    for key in ("d_model", "n_layers", "d_state", "d_conv", "expand", "epochs", "batch_size", "n_heads",
+                "eval_every", "eval_batch_size", "max_attributes", "efficiency_batch"):
+        need(cfg[key] > 0, key, "must be > 0")
+    for key in ("min_user_count", "min_item_count", "num_negatives", "patience", "grid_max_trials",
+                "warmup_epochs", "cold_item_max_count"):
+        need(cfg[key] >= 0, key, "must be >= 0")
+    need(cfg["max_len"] >= 2, "max_len", "must be >= 2")
+    need(cfg["compression_len"] >= 2, "compression_len", "must be >= 2")
+    need(cfg["lr"] > 0, "lr", "must be > 0")
+    need(cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    need(cfg["grad_clip"] >= 0, "grad_clip", "must be >= 0")
+    need(0 <= cfg["dropout"] < 1, "dropout", "must be in [0, 1)")
+    need(0 < cfg["cold_user_fraction"] <= 1, "cold_user_fraction", "must be in (0, 1]")
+    need(0 <= cfg["label_smoothing"] < 1, "label_smoothing", "must be in [0, 1)")
+    need(cfg["d_model"] % cfg["n_heads"] == 0, "n_heads", "must divide d_model")
+    need(cfg["attribute_mode"] in ("first", "all", "modulo"), "attribute_mode", "choose first, all or modulo")
+    need(cfg["scan_backend"] in ("auto", "cuda", "parallel", "reference"), "scan_backend",
+         "choose auto, cuda, parallel or reference")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]) is not None, "device", "choose auto, cpu, cuda or cuda:N")
+    stages = as_list(cfg["stage"])
+    need(stages and all(s in STAGES + ("all",) for s in stages), "stage", f"choose from all, {', '.join(STAGES)}")
+    models = as_list(cfg["models"])
+    need(models and all(m in MODEL_NAMES for m in models), "models", f"choose from {', '.join(MODEL_NAMES)}")
+    datasets = as_list(cfg["dataset"])
+    need(datasets and all(d in BUILTIN_DATASETS or d.startswith(("csv:", "recbole:")) for d in datasets),
+         "dataset", f"choose from {', '.join(BUILTIN_DATASETS)}, csv:<dir>, recbole:<dir>/<name>")
+    for key, kind in (("seeds", int), ("bundle_windows", int), ("efficiency_lengths", int),
+                      ("efficiency_catalogs", int)):
+        try:
+            values = as_list(cfg[key], kind)
+        except ValueError:
+            values = []
+        need(values and all(v > 0 or key == "seeds" for v in values), key, "must be a comma list of positive integers")
+
+
+# =====================================================================================================
+# Data: download, parse, filter, split, batches
+# =====================================================================================================
+# Every loader returns the same normalised pair: a DataFrame (user, item, time) in file order, and a dict
+# raw item id -> list of attribute tokens. Everything after `prepare_dataset` is dataset-blind.
+DOWNLOADS = {
+    "ml-1m": [("ml-1m.zip", "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+               "c4d9eecfca2ab87c1945afe126590906")],
+    "amazon-beauty": [
+        ("reviews_Beauty_5.json.gz",
+         "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Beauty_5.json.gz", None),
+        ("meta_Beauty.json.gz",
+         "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz", None),
+    ],
+}
+
+
+def download_file(url, dest, md5=None):
+    """Stream `url` to a temporary file beside `dest`, check its MD5, then rename it into place."""
+    import requests
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    digest = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out, requests.get(url, stream=True, timeout=60) as resp:
+            resp.raise_for_status()
+            total = int(resp.headers.get("content-length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                for chunk in resp.iter_content(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if md5 and digest.hexdigest() != md5:
+            raise DataError(f"{url}: checksum {digest.hexdigest()} != expected {md5}; try again later")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def find_dataset_files(name, cfg):
+    """Paths of the official files of `name`, looked up in data_dir and data_dir/name; downloaded if allowed."""
+    data_dir = Path(cfg["data_dir"]).expanduser()
+    found = []
+    for filename, url, md5 in DOWNLOADS[name]:
+        candidates = [data_dir / filename, data_dir / name / filename]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None and cfg["download"]:
+            path = data_dir / name / filename
+            try:
+                download_file(url, path, md5)
+            except DataError:
+                raise
+            except Exception as exc:  # no network, HTTP error, ...
+                path = None
+                reason = f"download failed ({type(exc).__name__}: {exc})"
+        else:
+            reason = "download is off (--download=false)"
+        if path is None:
+            raise DataError(f"{name}: {filename} not found in {data_dir} or {data_dir / name}; {reason}. "
+                            f"Fetch {url} and put it there, or point --data_dir (or HOLOMAMBA_DATA_DIR) at its folder.")
+        found.append(path)
+    return found
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Turn low-level decoding errors of a file into one DataError that names the file."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, SyntaxError) as exc:
+        raise DataError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
+                        "delete it and download it again") from None
+
+
+def load_ml1m(cfg):
+    """MovieLens-1M from GroupLens ml-1m.zip: ratings.dat and movies.dat (latin-1, genres 'A|B|C')."""
+    (path,) = find_dataset_files("ml-1m", cfg)
+    with reading(path), zipfile.ZipFile(path) as zf:
+        ratings = zf.read("ml-1m/ratings.dat").decode("latin-1")
+        movies = zf.read("ml-1m/movies.dat").decode("latin-1")
+    with reading(path):
+        df = pd.read_csv(io.StringIO(ratings.replace("::", "\t")), sep="\t", header=None,
+                         names=["user", "item", "rating", "time"], dtype=np.int64)
+        genres = pd.read_csv(io.StringIO(movies.replace("::", "\t")), sep="\t", header=None,
+                             names=["item", "title", "genres"], dtype={"item": np.int64, "genres": str},
+                             quoting=csv.QUOTE_NONE)
+    attributes = {i: g.split("|") for i, g in zip(genres["item"], genres["genres"].fillna(""))}
+    return df[["user", "item", "time"]], attributes
+
+
+_ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+
+
+def load_amazon_beauty(cfg):
+    """Amazon 2014 Beauty 5-core reviews + metadata categories (meta lines are Python dict literals)."""
+    reviews_path, meta_path = find_dataset_files("amazon-beauty", cfg)
+    with reading(reviews_path), gzip.open(reviews_path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    df = pd.DataFrame(rows)
+    missing = {"reviewerID", "asin", "unixReviewTime"} - set(df.columns)
+    if missing:
+        raise DataError(f"{reviews_path} lacks the column(s) {sorted(missing)}; is it the Amazon 2014 reviews file?")
+    df = df.rename(columns={"reviewerID": "user", "asin": "item", "unixReviewTime": "time"})[["user", "item", "time"]]
+    wanted = set(df["item"])
+    attributes = {}
+    with reading(meta_path), gzip.open(meta_path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            m = _ASIN.search(line)
+            if not m or m.group(1) not in wanted:
+                continue  # parse only the items that were reviewed: the full meta file is large
+            meta = ast.literal_eval(line)
+            tokens = [t for path in meta.get("categories", []) for t in path]
+            if meta.get("brand"):
+                tokens.append("brand:" + str(meta["brand"]))
+            attributes[meta["asin"]] = list(dict.fromkeys(tokens))
+    return df, attributes
+
+
+def load_csv_dataset(spec, cfg):
+    """Generic format: <dir>/interactions.csv (user,item,timestamp) and optional <dir>/item_attributes.csv
+    (item,attributes with attributes separated by '|')."""
+    folder = Path(spec).expanduser()
+    path = folder / "interactions.csv" if folder.is_dir() else folder
+    if not path.is_file():
+        raise DataError(f"{path} not found: a csv dataset needs interactions.csv with columns user,item,timestamp")
+    with reading(path):
+        df = pd.read_csv(path, dtype={"user": str, "item": str})
+    missing = {"user", "item", "timestamp"} - set(df.columns)
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {sorted(missing)}: expected user,item,timestamp")
+    df = df.rename(columns={"timestamp": "time"})[["user", "item", "time"]]
+    attr_path = path.parent / "item_attributes.csv"
+    attributes = {}
+    if attr_path.is_file():
+        with reading(attr_path):
+            meta = pd.read_csv(attr_path, dtype=str).fillna("")
+        if {"item", "attributes"} - set(meta.columns):
+            raise DataError(f"{attr_path} needs the columns item,attributes ('|'-separated attributes)")
+        attributes = {i: [a for a in s.split("|") if a] for i, s in zip(meta["item"], meta["attributes"])}
+    return df, attributes
+
+
+def read_atomic(path):
+    """A RecBole atomic file: tab-separated, header 'name:type' fields. Returns a DataFrame keyed by name."""
+    with reading(path):
+        df = pd.read_csv(path, sep="\t", dtype=str, quoting=csv.QUOTE_NONE)
+    df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+def load_recbole_dataset(spec, cfg):
+    """RecBole atomic files <dir>/<name>.inter (user_id, item_id, timestamp) and optional <name>.item."""
+    base = Path(spec).expanduser()
+    inter = base.with_suffix(".inter") if base.suffix != ".inter" else base
+    if not inter.is_file():
+        raise DataError(f"{inter} not found: a recbole dataset is recbole:<dir>/<name> with <name>.inter there")
+    df = read_atomic(inter)
+    missing = {"user_id", "item_id", "timestamp"} - set(df.columns)
+    if missing:
+        raise DataError(f"{inter} lacks the field(s) {sorted(missing)}")
+    df = df.rename(columns={"user_id": "user", "item_id": "item", "timestamp": "time"})[["user", "item", "time"]]
+    df["time"] = pd.to_numeric(df["time"])
+    attributes = {}
+    item_file = inter.with_suffix(".item")
+    if item_file.is_file():
+        meta = read_atomic(item_file).fillna("")
+        fields = [c for c in meta.columns if c != "item_id"]
+        for row in meta.itertuples(index=False):
+            row = row._asdict()
+            attributes[row["item_id"]] = [f"{f}:{t}" for f in fields for t in str(row[f]).split() if t]
+    return df, attributes
+
+
+def synthetic_interactions(n_users=600, n_items=300, n_attributes=15, min_len=12, max_len=40, seed=0):
+    """A deterministic dataset whose next item depends on attribute-level patterns: each item has one
+    attribute; users walk a hidden attribute chain (attribute a -> successor[a] with prob. 0.8) and pick
+    a popularity-weighted item of the current attribute, so knowing an item's attribute helps."""
+    rng = np.random.default_rng(seed)
+    item_attr = np.arange(n_items) % n_attributes
+    rng.shuffle(item_attr)
+    successor = rng.permutation(n_attributes)
+    members = [np.flatnonzero(item_attr == a) for a in range(n_attributes)]
+    weights = [1.0 / np.arange(1, len(m) + 1) for m in members]
+    weights = [w / w.sum() for w in weights]
+    rows = []
+    for user in range(n_users):
+        attr = rng.integers(n_attributes)
+        for t in range(rng.integers(min_len, max_len + 1)):
+            rows.append((user, int(rng.choice(members[attr], p=weights[attr])), t))
+            attr = successor[attr] if rng.random() < 0.8 else rng.integers(n_attributes)
+    df = pd.DataFrame(rows, columns=["user", "item", "time"])
+    return df, {i: [f"attr{item_attr[i]}"] for i in range(n_items)}
+
+
+def load_raw(name, cfg):
+    if name == "ml-1m":
+        return load_ml1m(cfg)
+    if name == "amazon-beauty":
+        return load_amazon_beauty(cfg)
+    if name == "synthetic":
+        return synthetic_interactions()
+    if name.startswith("csv:"):
+        return load_csv_dataset(name[4:], cfg)
+    return load_recbole_dataset(name[len("recbole:"):], cfg)
+
+
+def k_core_filter(df, min_user, min_item):
+    """Drop users/items below their minimum count, repeatedly, until both conditions hold."""
+    while True:
+        item_ok = df.groupby("item")["user"].transform("size") >= min_item
+        df = df[item_ok]
+        user_ok = df.groupby("user")["item"].transform("size") >= min_user
+        df = df[user_ok]
+        if item_ok.all() and user_ok.all():
+            return df
+
+
+@dataclass
+class SequenceData:
+    """A dataset after filtering: id-mapped sequences as left-padded tensors (item 0 = padding)."""
+    name: str
+    n_users: int
+    n_items: int
+    n_attributes: int
+    n_interactions: int
+    item_attributes: torch.Tensor  # (n_items + 1, A) attribute ids, 0 = none; row 0 is padding
+    sequences: list  # per user, np.int64 array of item ids in time order
+    item_counts: torch.Tensor  # (n_items + 1,) training-split interaction counts (popularity)
+
+    def split(self, which, max_len):
+        """Left-padded tensors of one split. train: (inputs, targets) of shape (U, max_len), next-item
+        target at every position; valid / test: (inputs (U, max_len), target (U,)) for leave-one-out."""
+        if which == "train":
+            windows = [s[:-2][-(max_len + 1):] for s in self.sequences]
+            inputs = left_pad([w[:-1] for w in windows], max_len)
+            targets = left_pad([w[1:] for w in windows], max_len)
+            return inputs, targets
+        cut = {"valid": 2, "test": 1}[which]
+        inputs = left_pad([s[:-cut][-max_len:] for s in self.sequences], max_len)
+        targets = torch.as_tensor(np.array([s[-cut] for s in self.sequences]))
+        return inputs, targets
+
+    def train_lengths(self):
+        return torch.as_tensor([len(s) - 2 for s in self.sequences])
+
+    def stats(self):
+        """Counts after filtering; attributes = distinct attribute values of the kept items."""
+        used = self.item_attributes[1:].unique()
+        return {"dataset": self.name, "users": self.n_users, "items": self.n_items,
+                "interactions": self.n_interactions, "attributes": int((used > 1).sum())}
+
+
+def left_pad(arrays, length):
+    """Stack int arrays right-aligned into a (len(arrays), length) tensor, zeros on the left."""
+    out = np.zeros((len(arrays), length), dtype=np.int64)
+    for row, a in enumerate(arrays):
+        a = a[-length:]
+        if len(a):
+            out[row, length - len(a):] = a
+    return torch.from_numpy(out)
+
+
+def prepare_dataset(name, df, raw_attributes, cfg):
+    """Normalise a raw (user, item, time) table: k-core filter, map ids (items 1..n, attributes 1..m),
+    order each user's events by time with ties in file order, and build per-user sequences."""
+    if df.empty:
+        raise DataError(f"{name}: no interactions were read")
+    df = df.reset_index(drop=True).assign(order=np.arange(len(df)))
+    df = k_core_filter(df, cfg["min_user_count"], max(cfg["min_item_count"], 1))
+    df = df[df.groupby("user")["item"].transform("size") >= 3]  # leave-one-out needs train, valid and test
+    if df.empty:
+        raise DataError(f"{name}: no user is left after {cfg['min_user_count']}-core / {cfg['min_item_count']}-core "
+                        "filtering; lower --min_user_count / --min_item_count")
+    items = np.sort(df["item"].unique())
+    item_index = {raw: i + 1 for i, raw in enumerate(items)}
+    df = df.assign(item=df["item"].map(item_index)).sort_values(["user", "time", "order"])
+    starts = np.flatnonzero(df["user"].ne(df["user"].shift()).to_numpy())
+    bounds = np.append(starts, len(df))
+    seq_items = df["item"].to_numpy(np.int64)
+    sequences = [seq_items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    item_attributes, n_attributes = attribute_table(items, raw_attributes, cfg)
+    counts = np.zeros(len(items) + 1, dtype=np.int64)
+    np.add.at(counts, np.concatenate([s[:-2] for s in sequences]), 1)
+    return SequenceData(name, len(sequences), len(items), n_attributes, len(df), item_attributes,
+                        sequences, torch.from_numpy(counts))
+
+
+def attribute_table(items, raw_attributes, cfg):
+    """(n_items + 1, A) attribute ids. Id 1 is reserved for 'no attribute', so an item without metadata
+    never gets the padding id 0. mode first: the item's first token; all: up to max_attributes tokens;
+    modulo: the paper's public script for Beauty (item_id % 50), kept for parity only."""
+    mode = cfg["attribute_mode"]
+    if mode == "modulo":
+        table = torch.zeros(len(items) + 1, 1, dtype=torch.long)
+        table[1:, 0] = torch.arange(1, len(items) + 1) % 50 + 1
+        return table, 50
+    width = 1 if mode == "first" else cfg["max_attributes"]
+    vocab = {"<none>": 1}
+    rows = [[0] * width]
+    for raw in items:
+        tokens = raw_attributes.get(raw) or ["<none>"]
+        ids = [vocab.setdefault(t, len(vocab) + 1) for t in tokens[:width]]
+        rows.append(ids + [0] * (width - len(ids)))
+    return torch.tensor(rows, dtype=torch.long), len(vocab)
+
+
+_DATA_CACHE = {}
+
+
+def load_dataset(cfg):
+    """Read, filter and index cfg['dataset'] (memoised per process on the keys that change the data)."""
+    key = (cfg["dataset"], cfg["data_dir"], cfg["attribute_mode"], cfg["max_attributes"],
+           cfg["min_user_count"], cfg["min_item_count"])
+    if key not in _DATA_CACHE:
+        df, attributes = load_raw(cfg["dataset"], cfg)
+        _DATA_CACHE[key] = prepare_dataset(cfg["dataset"], df, attributes, cfg)
+    return _DATA_CACHE[key]
+
+
+# =====================================================================================================
+# Holographic reduced representations
+# =====================================================================================================
+def _fft_dtype(x):
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def bind(a, b):
+    """Circular convolution a ⊛ b along the last dimension, via the FFT (fp32 at least)."""
+    n, dtype = a.shape[-1], _fft_dtype(a)
+    spectrum = torch.fft.rfft(a.to(dtype), n=n) * torch.fft.rfft(b.to(dtype), n=n)
+    return torch.fft.irfft(spectrum, n=n).to(a.dtype)
+
+
+def involution(a):
+    """a*[i] = a[-i mod n]: the approximate inverse of a under binding (exact for unitary vectors)."""
+    return torch.cat([a[..., :1], a[..., 1:].flip(-1)], dim=-1)
+
+
+def unbind(c, a, exact=True, eps=1e-12):
+    """Recover b from c = a ⊛ b. exact: spectral division (regularised by eps); else correlation c ⊛ a*."""
+    if not exact:
+        return bind(c, involution(a))
+    n, dtype = c.shape[-1], _fft_dtype(c)
+    fa = torch.fft.rfft(a.to(dtype), n=n)
+    fc = torch.fft.rfft(c.to(dtype), n=n)
+    return torch.fft.irfft(fc * fa.conj() / (fa.abs() ** 2 + eps), n=n).to(c.dtype)
+
+
+def bundle(x, dim=-2):
+    """Superpose vectors by addition (the HRR 'bundle')."""
+    return x.sum(dim)
+
+
+def unitary_vectors(count, dim, generator=None):
+    """Random vectors whose Fourier coefficients all have modulus 1: binding with them is invertible and
+    norm-preserving, and their involution is their exact inverse."""
+    phase = torch.rand(count, dim // 2 + 1, generator=generator) * 2 * math.pi
+    spectrum = torch.polar(torch.ones_like(phase), phase)
+    spectrum[:, 0] = torch.sign(spectrum[:, 0].real).to(spectrum.dtype)
+    if dim % 2 == 0:
+        spectrum[:, -1] = torch.sign(spectrum[:, -1].real).to(spectrum.dtype)
+    return torch.fft.irfft(spectrum, n=dim)
+
+
+# =====================================================================================================
+# Selective state-space scan (Mamba-1)
+# =====================================================================================================
+# h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t ;  y_t = C_t · h_t + D x_t
+# Shapes: u, delta (b, l, d); A (d, n); B, C (b, l, n); D (d,). Three backends compute the same thing:
+# `reference` (a Python loop over time, the readable definition), `parallel` (a log-depth scan in PyTorch,
+# no loop over time), `cuda` (mamba-ssm's fused kernel). Tests hold them equal.
+def selective_scan_reference(u, delta, A, B, C, D, state=None):
+    b, l, d = u.shape
+    h = u.new_zeros(b, d, A.shape[1]) if state is None else state
+    ys = []
+    for t in range(l):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t, :, None] * u[:, t, :, None]) * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1) + u * D, h
+
+
+def _inclusive_scan(decay, x):
+    """h_t = decay_t * h_{t-1} + x_t over dim 1 (h_{-1} = 0) in ceil(log2 l) vectorised doubling steps."""
+    l, step = x.shape[1], 1
+    while step < l:
+        x = torch.cat([x[:, :step], x[:, step:] + decay[:, step:] * x[:, :-step]], dim=1)
+        decay = torch.cat([decay[:, :step], decay[:, step:] * decay[:, :-step]], dim=1)
+        step *= 2
+    return x
+
+
+class LinearScan(torch.autograd.Function):
+    """h = scan(decay, x) with a hand-written backward (a reverse scan), so that autograd keeps only
+    decay and h instead of every doubling step's intermediates."""
+
+    @staticmethod
+    def forward(ctx, decay, x):
+        h = _inclusive_scan(decay, x)
+        ctx.save_for_backward(decay, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        decay, h = ctx.saved_tensors
+        # g_t = grad_h_t + decay_{t+1} g_{t+1}: the same scan run backwards in time.
+        next_decay = torch.cat([decay[:, 1:], torch.zeros_like(decay[:, :1])], dim=1)
+        g = _inclusive_scan(next_decay.flip(1), grad_h.flip(1)).flip(1)
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        return g * h_prev, g
+
+
+def selective_scan_parallel(u, delta, A, B, C, D, state=None):
+    dtype = u.dtype
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n)
+    x = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, d, n)
+    if state is not None:  # fold an initial state into the first input
+        x = torch.cat([x[:, :1] + decay[:, :1] * state.unsqueeze(1), x[:, 1:]], dim=1)
+    h = LinearScan.apply(decay, x)
+    y = torch.einsum("bldn,bln->bld", h, C) + u * D
+    return y.to(dtype), h[:, -1]
+
+
+def selective_scan_cuda(u, delta, A, B, C, D, state=None):
+    if state is not None:
+        raise ValueError("the cuda scan starts from a zero state")
+    tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (b, l, x) -> (b, x, l)
+    y, last = _mamba_selective_scan_fn(tr(u), tr(delta), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
+                                       D.float(), return_last_state=True)
+    return y.transpose(1, 2), last
+
+
+SCAN_BACKENDS = {"reference": selective_scan_reference, "parallel": selective_scan_parallel,
+                 "cuda": selective_scan_cuda}
+
+
+def pick_scan_backend(name, device):
+    """auto: the mamba-ssm kernel on CUDA when importable, else the PyTorch parallel scan."""
+    if name == "auto":
+        name = "cuda" if device.type == "cuda" and _mamba_selective_scan_fn is not None else "parallel"
+    if name == "cuda" and (_mamba_selective_scan_fn is None or device.type != "cuda"):
+        raise ConfigError("--scan_backend=cuda needs a CUDA device and the mamba-ssm package "
+                          "(pip install mamba-ssm); use --scan_backend=parallel")
+    return name
+
+
+class MambaBlock(nn.Module):
+    """Mamba-1 mixer: input projection, depthwise causal conv, input-dependent (Δ, B, C), diagonal
+    A = -exp(A_log), SiLU-gated output. `mask` (b, l, 1) makes left padding inert: padded steps neither
+    feed nor decay the state, so outputs equal those of the unpadded sequence."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, scan_backend="parallel"):
+        super().__init__()
+        d_inner, self.dt_rank = expand * d_model, math.ceil(d_model / 16)
+        self.d_state, self.d_conv, self.scan_backend = d_state, d_conv, scan_backend
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        # Δ starts log-uniform in [1e-3, 1e-1], as in Mamba: bias = softplus^-1(Δ).
+        dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def ssm_inputs(self, x):
+        """(Δ, B, C) from the conv output x (.., d_inner)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def forward(self, hidden, mask=None):
+        if mask is not None:
+            hidden = hidden * mask
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        if _causal_conv1d_fn is not None and x.is_cuda:
+            x = _causal_conv1d_fn(x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
+            x = x.transpose(1, 2)
+        else:
+            x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
+        delta, B, C = self.ssm_inputs(x)
+        if mask is not None:
+            delta = delta * mask
+        y, _ = SCAN_BACKENDS[self.scan_backend](x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
+        return self.out_proj(y * F.silu(z))
+
+    def init_state(self, batch, device):
+        d_inner = self.D.shape[0]
+        return (torch.zeros(batch, d_inner, self.d_conv, device=device),
+                torch.zeros(batch, d_inner, self.d_state, device=device))
+
+    def step(self, hidden, state):
+        """One time step: hidden (b, d_model) -> output (b, d_model), new state. O(1) in history length."""
+        conv_state, ssm_state = state
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        conv_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1)
+        x = F.silu((conv_state * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias)
+        delta, B, C = self.ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        ssm_state = torch.exp(delta.unsqueeze(-1) * A) * ssm_state + (delta * x).unsqueeze(-1) * B.unsqueeze(1)
+        y = (ssm_state * C.unsqueeze(1)).sum(-1) + self.D * x
+        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)
+
+
+# =====================================================================================================
+# Models
+# =====================================================================================================
+# Contract: forward(seq (b, l) left-padded item ids) -> hidden states (b, l, d); output_embeddings() ->
+# (n_items + 1, d); the score of item i after position t is hidden[:, t] · output_embeddings()[i].
+class FeedForward(nn.Module):
+    def __init__(self, d_model, dropout):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Recommender(nn.Module):
+    """Shared scoring: tied output embeddings, next-item scores at the last position."""
+
+    def output_embeddings(self):
+        return self.item_emb.weight
+
+    def score_next(self, seq):
+        """(b, n_items) scores for items 1..n after the last position of each sequence."""
+        hidden = self(seq)[:, -1]
+        return hidden.float() @ self.output_embeddings()[1:].float().T
+
+
+class HoloMamba(Recommender):
+    """Items bound to their attributes (e = item + α · item ⊛ attribute, normalised), then Mamba blocks
+    with pre-norm residuals (and an optional feed-forward sublayer). use_binding=False is the item-only
+    ablation (Mamba-ItemOnly)."""
+
+    def __init__(self, cfg, n_items, item_attributes, n_attributes, use_binding=True):
+        super().__init__()
+        d, self.use_binding = cfg["d_model"], use_binding
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.attr_emb = nn.Embedding(n_attributes + 1, d, padding_idx=0)
+        self.register_buffer("item_attributes", item_attributes, persistent=False)
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.emb_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"], cfg["scan_backend"])
+                                    for _ in range(cfg["n_layers"]))
+        self.mixer_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"]))
+        n_ffn = cfg["n_layers"] if cfg["ffn"] else 0
+        self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
+        self.ffn_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_ffn))
+        self.final_norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.attr_emb.weight, std=0.02)
+
+    def embed(self, ids):
+        """Holographic item embedding. With several attributes, binding distributes over the bundle:
+        Σ_j item ⊛ attr_j = item ⊛ Σ_j attr_j, so one FFT product binds them all."""
+        e = self.item_emb(ids)
+        if self.use_binding:
+            attrs = self.item_attributes[ids]
+            a = self.attr_emb(attrs).sum(-2) / attrs.gt(0).sum(-1, keepdim=True).clamp(min=1)
+            e = e + self.alpha * bind(e, a)
+        return self.emb_norm(e)
+
+    def output_embeddings(self):
+        return self.embed(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
+
+    def encode(self, x, mask):
+        for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
+            x = x + self.dropout(mixer(norm(x), mask))
+            if self.ffns:
+                x = x + self.dropout(self.ffns[i](self.ffn_norms[i](x)))
+        return self.final_norm(x)
+
+    def forward(self, seq):
+        mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
+        return self.encode(self.dropout(self.embed(seq)) * mask, mask)
+
+    def init_state(self, batch):
+        return [m.init_state(batch, self.item_emb.weight.device) for m in self.mixers]
+
+    def step(self, state, item):
+        """Streaming inference: fold one new item (b,) into the per-user state; returns (scores (b, n_items),
+        new state). The attribute comes from the item table, as in the full forward."""
+        x, new_state = self.embed(item), []
+        for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
+            out, s = mixer.step(norm(x), state[i])
+            x, new_state = x + out, new_state + [s]
+            if self.ffns:
+                x = x + self.ffns[i](self.ffn_norms[i](x))
+        hidden = self.final_norm(x)
+        return hidden @ self.output_embeddings()[1:].T, new_state
+
+
+class CausalSelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block (attention + feed-forward) for SASRec."""
+
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.n_heads, self.p = n_heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ffn = FeedForward(d_model, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask):
+        b, l, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, l, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0)
+        x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(b, l, d)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class SASRec(Recommender):
+    """Self-attentive sequential recommendation (Kang & McAuley 2018): scaled item embeddings plus
+    learned positions, causal self-attention that never attends to padding, tied output embeddings."""
+
+    def __init__(self, cfg, n_items, **_):
+        super().__init__()
+        d = cfg["d_model"]
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg["max_len"], d)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(d, cfg["n_heads"], cfg["dropout"])
+                                    for _ in range(cfg["n_layers"]))
+        self.final_norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+
+    def forward(self, seq):
+        b, l = seq.shape
+        valid = seq.gt(0)
+        pos = torch.arange(l, device=seq.device)
+        x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(pos + self.pos_emb.num_embeddings - l)
+        x = self.dropout(x) * valid.unsqueeze(-1)
+        causal = pos[None, :] <= pos[:, None]
+        # a query sees earlier real items, and itself (so padded rows are never empty)
+        attn_mask = (causal & valid[:, None, :]) | torch.eye(l, dtype=torch.bool, device=seq.device)
+        attn_mask = attn_mask.unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, attn_mask) * valid.unsqueeze(-1)
+        return self.final_norm(x)
+
+
+class GRU4Rec(Recommender):
+    """GRU over the item sequence (Hidasi et al. 2016, with full cross-entropy). Sequences are packed so
+    that left padding never enters the recurrence."""
+
+    def __init__(self, cfg, n_items, **_):
+        super().__init__()
+        d = cfg["d_model"]
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.dropout = nn.Dropout(cfg["dropout"])
+        self.gru = nn.GRU(d, d, num_layers=cfg["n_layers"], batch_first=True)
+        self.final_norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+
+    def forward(self, seq):
+        b, l = seq.shape
+        lengths = seq.gt(0).sum(1)
+        # left-padded -> right-padded, run packed, then back to left-padded
+        shift = (torch.arange(l, device=seq.device)[None, :] + (l - lengths)[:, None]) % l
+        right = seq.gather(1, shift)
+        packed = nn.utils.rnn.pack_padded_sequence(self.dropout(self.item_emb(right)), lengths.clamp(min=1).cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=l)
+        back = (torch.arange(l, device=seq.device)[None, :] - (l - lengths)[:, None]) % l
+        out = out.gather(1, back.unsqueeze(-1).expand_as(out))
+        return self.final_norm(self.dropout(out))
+
+    def init_state(self, batch):
+        return torch.zeros(self.gru.num_layers, batch, self.gru.hidden_size, device=self.item_emb.weight.device)
+
+    def step(self, state, item):
+        out, state = self.gru(self.item_emb(item).unsqueeze(1), state)
+        return self.final_norm(out[:, 0]) @ self.item_emb.weight[1:].T, state
+
+
+def build_model(name, cfg, data):
+    kwargs = dict(n_items=data.n_items, item_attributes=data.item_attributes, n_attributes=data.n_attributes)
+    if name in ("HoloMamba", "Mamba-ItemOnly"):
+        return HoloMamba(cfg, use_binding=name == "HoloMamba", **kwargs)
+    return {"SASRec": SASRec, "GRU4Rec": GRU4Rec}[name](cfg, **kwargs)
+
+
+# =====================================================================================================
+# Training and evaluation
+# =====================================================================================================
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}: no CUDA device is visible; use --device=cpu")
+    return torch.device(name)
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def autocast(cfg, device):
+    if device.type == "cuda" and cfg["amp"]:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ranks_of_targets(scores, targets):
+    """0-based rank of each target among all items (items 1..n in columns 0..n-1); ties count in the
+    target's favour only against items with exactly equal score."""
+    target_scores = scores.gather(1, (targets - 1).unsqueeze(1))
+    return (scores > target_scores).sum(1)
+
+
+def full_ranking_metrics(ranks, ks=METRIC_KS):
+    """HR@k, NDCG@k, MRR@k for each k, and MRR over the full ranking, from 0-based target ranks."""
+    ranks = ranks.double()
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = hit.double().mean().item()
+        out[f"ndcg@{k}"] = (hit / torch.log2(ranks + 2)).mean().item()
+        out[f"mrr@{k}"] = (hit / (ranks + 1)).mean().item()
+    out["mrr"] = (1.0 / (ranks + 1)).mean().item()
+    return out
+
+
+@torch.no_grad()
+def target_ranks(model, inputs, targets, cfg, device):
+    """Full-ranking rank of every user's target, batched on the device (no per-user loop)."""
+    model.eval()
+    ranks = []
+    with autocast(cfg, device):
+        table = model.output_embeddings()[1:].float()
+        for i in range(0, len(inputs), cfg["eval_batch_size"]):
+            hidden = model(inputs[i:i + cfg["eval_batch_size"]])[:, -1].float()
+            ranks.append(ranks_of_targets(hidden @ table.T, targets[i:i + cfg["eval_batch_size"]]))
+    return torch.cat(ranks)
+
+
+def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
+    """Cross-entropy of the next item at every non-padded position: full softmax over all items, or
+    sampled softmax with popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
+    hidden = model(inputs)
+    keep = targets.gt(0)
+    hidden, targets = hidden[keep], targets[keep]
+    table = model.output_embeddings()
+    if cfg["num_negatives"] == 0:
+        logits = hidden @ table[1:].T
+        return F.cross_entropy(logits.float(), targets - 1, label_smoothing=cfg["label_smoothing"])
+    negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
+    pos = (hidden * table[targets]).sum(-1, keepdim=True) - item_log_q[targets].unsqueeze(1)
+    neg = hidden @ table[negatives].T - item_log_q[negatives]
+    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos, neg], dim=1).float()
+    return F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
+
+
+def is_main_process():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(model, data, cfg, device, desc="train", distributed=True):
+    """Train with AdamW and early stopping on validation NDCG@10; restores the best weights and returns the
+    per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
+    DistributedDataParallel and each rank trains on its share of every epoch's users."""
+    train_x, train_y = (t.to(device) for t in data.split("train", cfg["max_len"]))
+    valid_x, valid_y = (t.to(device) for t in data.split("valid", cfg["max_len"]))
+    counts = data.item_counts.to(device).double() + 1
+    counts[0] = 0
+    item_log_q = (counts / counts.sum()).log().float()
+    runner, world, rank = model, 1, 0
+    if distributed and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        runner = torch.compile(runner)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    steps_per_epoch = math.ceil(len(train_x) / world / cfg["batch_size"])
+    warmup = max(1, cfg["warmup_epochs"] * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    history, best, best_state, stale = [], -1.0, None, 0
+    train_seconds, start = 0.0, time.perf_counter()
+    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process())
+    for epoch in bar:
+        model.train()
+        epoch_start = time.perf_counter()
+        order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
+        total = torch.zeros((), device=device)
+        for i in range(0, len(order), cfg["batch_size"]):
+            idx = order[i:i + cfg["batch_size"]]
+            with autocast(cfg, device):
+                loss = next_item_loss(runner, train_x[idx], train_y[idx], cfg, item_log_q)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["grad_clip"] > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            total += loss.detach()
+        synchronize(device)
+        train_seconds += time.perf_counter() - epoch_start
+        if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
+            continue
+        metrics = full_ranking_metrics(target_ranks(model, valid_x, valid_y, cfg, device))
+        history.append({"epoch": epoch + 1, "loss": total.item() / steps_per_epoch,
+                        "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
+                        "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        if not math.isfinite(history[-1]["loss"]):
+            raise RuntimeError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
+                               "lower --lr or raise --grad_clip")
+        if metrics["ndcg@10"] > best:
+            best, stale = metrics["ndcg@10"], 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg["patience"]:
+                break
+    model.load_state_dict(best_state)
+    return history
+
+
+# =====================================================================================================
+# Runs and result files
+# =====================================================================================================
+METRIC_COLUMNS = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in METRIC_KS] + ["mrr"]
+_RUN_CACHE = {}
+
+
+def config_tag(cfg):
+    """Short hash of the config keys that change a trained model (not outputs, stages or seeds)."""
+    ignore = {"stage", "quick", "models", "seeds", "results_dir", "figures_dir", "checkpoint_dir", "grid_csv",
+              "grid_max_trials", "download", "data_dir", "bundle_windows", "compression_len",
+              "cold_user_fraction", "cold_item_max_count", "efficiency_lengths", "efficiency_batch", "efficiency_catalogs",
+              "eval_batch_size", "device", "compile"}
+    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ignore})
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def train_and_evaluate(cfg, model_name, seed, distributed=True):
+    """One run: train on cfg['dataset'] with early stopping on validation, then evaluate valid and test once
+    with the best weights. Memoised per process, so stages that need the same run share it."""
+    key = (cfg["dataset"], model_name, seed, config_tag(cfg))
+    if key in _RUN_CACHE:
+        return _RUN_CACHE[key]
+    device = pick_device(cfg["device"])
+    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
+    data = load_dataset(cfg)
+    set_seed(seed)
+    model = build_model(model_name, cfg, data).to(device)
+    start = time.perf_counter()
+    history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
+    seconds = time.perf_counter() - start
+    ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, cfg["max_len"])), cfg, device).cpu()
+             for split in ("valid", "test")}
+    run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": config_tag(cfg),
+           "epochs": history[-1]["epoch"], "best_epoch": max(history, key=lambda h: h["valid_ndcg@10"])["epoch"],
+           "train_seconds": round(seconds, 2), "scan_backend": cfg["scan_backend"] if "Mamba" in model_name else "",
+           "metrics": {s: full_ranking_metrics(r) for s, r in ranks.items()}, "ranks": ranks,
+           "history": history, "module": model, "cfg": cfg}
+    if is_main_process():
+        save_checkpoint(model, cfg, run)
+        tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
+                   + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run["metrics"].items())
+                   + f" ({seconds:.1f}s, best epoch {run['best_epoch']})")
+    _RUN_CACHE[key] = run
+    return run
+
+
+def save_checkpoint(model, cfg, run):
+    """Best weights with the config and metrics that describe them (load with weights_only=True)."""
+    path = Path(cfg["checkpoint_dir"]) / f"{cfg['dataset'].replace('/', '_').replace(':', '_')}_{run['model']}_seed{run['seed']}_{run['config']}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"state_dict": model.state_dict(), "config": cfg, "metrics": run["metrics"], "epoch": run["best_epoch"]}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def metric_rows(run, **extra):
+    """One results row per split of a run: dataset, model, seed, split, metrics, and provenance."""
+    return [{"dataset": run["dataset"], "model": run["model"], "seed": run["seed"], "split": split,
+             **{c: round(m[c], 6) for c in METRIC_COLUMNS}, **extra, "config": run["config"],
+             "epochs": run["epochs"], "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]}
+            for split, m in run["metrics"].items()]
+
+
+def write_csv(path, rows):
+    """Write rows atomically (temporary file, then rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def append_csv_row(path, row):
+    """Append one row (header on first write) under an exclusive lock, flushed before returning."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        new = fh.tell() == 0
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def markdown_table(df, columns):
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |\n"
+                   for _, r in df.iterrows())
+    return head + body
+
+
+def summarise(rows):
+    """Mean ± std over seeds per (dataset, model, split)."""
+    df = pd.DataFrame(rows)
+    cols = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"]
+    agg = df.groupby(["dataset", "model", "split"], sort=False)[cols].agg(["mean", "std"]).fillna(0.0)
+    out = agg.xs("mean", axis=1, level=1).copy()
+    for c in cols:
+        out[c] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(agg[(c, "mean")], agg[(c, "std")])]
+    out["seeds"] = df.groupby(["dataset", "model", "split"], sort=False)["seed"].nunique()
+    return out.reset_index()
+
+
+def upsert_csv(path, rows, key):
+    """Merge rows into a CSV, replacing earlier rows with the same key columns; written atomically."""
+    path = Path(path)
+    new = pd.DataFrame(rows)
+    if path.is_file():
+        old = pd.read_csv(path)
+        keys = set(map(tuple, new[key].astype(str).to_numpy()))
+        old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
+        new = pd.concat([old, new], ignore_index=True)
+    write_csv(path, new.to_dict("records"))
+    return new
+
+
+# =====================================================================================================
+# Experiments
+# =====================================================================================================
+# Each stage resolves the config per dataset, asks train_and_evaluate for the runs it needs (shared
+# through the in-process cache), writes its results as files, and leaves figures to the plotting section.
+def datasets_of(overrides):
+    return as_list(resolve_config(overrides)["dataset"])
+
+
+def seeds_of(cfg):
+    return as_list(cfg["seeds"], int)
+
+
+def record_runs(cfg, runs, name):
+    """Upsert the runs' metric rows into results/<name>.csv and their learning curves into history.csv."""
+    rows = [r for run in runs for r in metric_rows(run, preset=cfg["preset"])]
+    key = ["dataset", "model", "seed", "split", "preset", "config"]
+    table = upsert_csv(Path(cfg["results_dir"]) / f"{name}.csv", rows, key)
+    curves = [{"dataset": run["dataset"], "model": run["model"], "seed": run["seed"], "preset": cfg["preset"],
+               "config": run["config"], **h} for run in runs for h in run["history"]]
+    upsert_csv(Path(cfg["results_dir"]) / "history.csv", curves, ["dataset", "model", "seed", "preset", "config", "epoch"])
+    return table
+
+
+def benchmark_stage(overrides):
+    """Every model of cfg['models'] on every dataset and seed; results/benchmark.csv, accuracy.csv, .md."""
+    runs = []
+    for dataset in datasets_of(overrides):
+        cfg = resolve_config(overrides, dataset)
+        runs += [train_and_evaluate(cfg, m, s) for m in as_list(cfg["models"]) for s in seeds_of(cfg)]
+    cfg = resolve_config(overrides)
+    table = record_runs(cfg, runs, "benchmark")
+    table = table[table["preset"] == cfg["preset"]]
+    write_csv(Path(cfg["results_dir"]) / "accuracy.csv",
+              table[["dataset", "model", "seed", "split"] + [c for c in METRIC_COLUMNS if "mrr@" not in c]].to_dict("records"))
+    summary = summarise(table.to_dict("records"))
+    text = (f"# Benchmark (preset `{cfg['preset']}`, mean ± std over seeds)\n\n"
+            + markdown_table(summary, ["dataset", "model", "split", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "seeds"]))
+    (Path(cfg["results_dir"]) / "benchmark.md").write_text(text)
+    print(text)
+    return runs
+
+
+def ablation_stage(overrides):
+    """Holographic binding vs the item-only Mamba on every dataset and seed; results/ablation.csv."""
+    runs = []
+    for dataset in datasets_of(overrides):
+        cfg = resolve_config(overrides, dataset)
+        runs += [train_and_evaluate(cfg, m, s) for m in ("HoloMamba", "Mamba-ItemOnly") for s in seeds_of(cfg)]
+    record_runs(resolve_config(overrides), runs, "ablation")
+    return runs
+
+
+def grid_trials(max_trials):
+    trials = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    return trials[:max_trials] if max_trials else trials
+
+
+def grid_stage(overrides):
+    """HoloMamba over GRID on every dataset (first seed). Each finished trial is appended to grid_csv at
+    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun, trials are dealt
+    out across ranks (one GPU each). Selection is on validation NDCG@10; test is reported beside it."""
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
+        if torch.distributed.is_initialized() else (1, 0)
+    best = {}
+    for dataset in datasets_of(overrides):
+        base = resolve_config(overrides, dataset)
+        path = Path(base["grid_csv"])
+        done = set(pd.read_csv(path)["trial"].astype(str)) if path.is_file() else set()
+        trials = grid_trials(base["grid_max_trials"])
+        for i, trial in enumerate(tqdm(trials, desc=f"grid {dataset}", disable=not is_main_process())):
+            cfg = dict(base, **trial)
+            validate_config(cfg)
+            trial_key = f"{dataset}|{config_tag(cfg)}"
+            if i % world != rank or trial_key in done:
+                continue
+            run = train_and_evaluate(cfg, "HoloMamba", seeds_of(cfg)[0], distributed=False)
+            append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial,
+                                  **{f"valid_{c}": round(run["metrics"]["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                                  **{f"test_{c}": round(run["metrics"]["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                                  "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]})
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        table = pd.read_csv(path)
+        table = table[table["dataset"] == dataset]
+        if len(table):
+            top = table.loc[table["valid_ndcg@10"].idxmax()]
+            best[dataset] = {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()}
+    if is_main_process():
+        write_json(Path(resolve_config(overrides)["results_dir"]) / "grid_best.json", best)
+        for dataset, row in best.items():
+            print(f"grid best on {dataset} (by validation NDCG@10): "
+                  + ", ".join(f"{k}={row[k]}" for k in GRID) + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
+    return best
+
+
+def bundled_forward(model, seq, k):
+    """Temporal bundling at inference: each window of k consecutive item embeddings (aligned to the end of
+    the sequence) is compressed into one token, sum_j role_j ⊛ e_j, with role_j the unit impulse at j
+    (so binding is a cyclic shift and k = 1 is the plain model). The encoder then reads l / k tokens."""
+    b, l = seq.shape
+    seq = F.pad(seq, ((-l) % k, 0))
+    e = model.embed(seq) * seq.gt(0).unsqueeze(-1)
+    windows = e.view(b, -1, k, e.shape[-1])
+    tokens = sum(torch.roll(windows[:, :, j], shifts=j, dims=-1) for j in range(k))
+    mask = seq.view(b, -1, k).gt(0).any(-1, keepdim=True).to(e.dtype)
+    return model.encode(tokens * mask, mask)
+
+
+class PeakMemory:
+    """Peak memory of a block: GPU max_memory_allocated, or the process's peak RSS (VmHWM, reset first)."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            with contextlib.suppress(OSError, StopIteration):
+                status = Path("/proc/self/status").read_text().splitlines()
+                self.mb = int(next(x for x in status if x.startswith("VmHWM")).split()[1]) / 1024
+        return False
+
+
+def timed(fn, device, repeats=5, warmup=1):
+    """Median wall seconds of fn() over repeats, after warm-up (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def compression_stage(overrides):
+    """Accuracy / latency / memory of temporal bundling windows k on long histories (untrained bundling,
+    as in the paper), and the cold-start slices (short-history users, rarely seen target items) of every
+    benchmark model. Writes results/compression.csv and results/cold_start.csv."""
+    rows, cold = [], []
+    for dataset in datasets_of(overrides):
+        cfg = resolve_config(overrides, dataset)
+        seed = seeds_of(cfg)[0]
+        run = train_and_evaluate(cfg, "HoloMamba", seed)
+        model, device, data = run["module"], pick_device(cfg["device"]), load_dataset(cfg)
+        inputs, targets = (t.to(device) for t in data.split("test", cfg["compression_len"]))
+        model.eval()
+        for k in as_list(cfg["bundle_windows"], int):
+            def score_all():
+                out = []
+                with torch.no_grad(), autocast(cfg, device):
+                    table = model.output_embeddings()[1:].float()
+                    for i in range(0, len(inputs), cfg["eval_batch_size"]):
+                        hidden = bundled_forward(model, inputs[i:i + cfg["eval_batch_size"]], k)[:, -1].float()
+                        out.append(ranks_of_targets(hidden @ table.T, targets[i:i + cfg["eval_batch_size"]]))
+                return torch.cat(out)
+            with PeakMemory(device) as peak:
+                ranks = score_all()
+            seconds = timed(score_all, device, repeats=3)
+            metrics = full_ranking_metrics(ranks.cpu())
+            rows.append({"dataset": dataset, "model": "HoloMamba", "k": k, "history_len": cfg["compression_len"],
+                         "tokens_per_user": math.ceil(cfg["compression_len"] / k), "hr@10": metrics["hr@10"],
+                         "ndcg@10": metrics["ndcg@10"], "mrr": metrics["mrr"], "latency_ms": 1000 * seconds,
+                         "tokens_per_s": len(inputs) * cfg["compression_len"] / seconds, "peak_mem_mb": peak.mb,
+                         "device": str(device)})
+        cold += cold_start_rows(cfg, data, [train_and_evaluate(cfg, m, seed) for m in as_list(cfg["models"])])
+    cfg = resolve_config(overrides)
+    write_csv(Path(cfg["results_dir"]) / "compression.csv", rows)
+    write_csv(Path(cfg["results_dir"]) / "cold_start.csv", cold)
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(pd.DataFrame(cold).to_string(index=False))
+    return rows, cold
+
+
+def cold_start_rows(cfg, data, runs):
+    """Test metrics of each run on the cold slices, from its stored per-user ranks."""
+    lengths = data.train_lengths()
+    short = lengths <= torch.quantile(lengths.double(), cfg["cold_user_fraction"]).item()
+    _, targets = data.split("test", 1)
+    rare = data.item_counts[targets] <= cfg["cold_item_max_count"]
+    rows = []
+    for run in runs:
+        for name, mask in (("all users", torch.ones_like(short)), ("short-history users", short),
+                           ("rare target items", rare)):
+            if mask.any():
+                m = full_ranking_metrics(run["ranks"]["test"][mask])
+                rows.append({"dataset": data.name, "model": run["model"], "slice": name, "users": int(mask.sum()),
+                             "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "mrr": m["mrr"]})
+    return rows
+
+
+def efficiency_stage(overrides):
+    """Training throughput, peak memory, batch inference latency and streaming step latency of HoloMamba,
+    SASRec and GRU4Rec across sequence lengths; full vs sampled softmax across catalog sizes; and the ML-1M
+    epoch time and time to validation NDCG@10 >= 0.15 when ML-1M is available. results/efficiency*.csv."""
+    cfg = resolve_config(overrides)
+    device = pick_device(cfg["device"])
+    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
+    rows = []
+    for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
+        for name in ("HoloMamba", "SASRec", "GRU4Rec"):
+            rows.append(measure_model(name, dict(cfg, max_len=length), n_items=3416, device=device))
+    write_csv(Path(cfg["results_dir"]) / "efficiency.csv", rows)
+    catalog = [measure_catalog(dict(cfg, max_len=50, num_negatives=negatives), n, device)
+               for n in as_list(cfg["efficiency_catalogs"], int) for negatives in (0, 256)]
+    write_csv(Path(cfg["results_dir"]) / "efficiency_catalog.csv", [r for r in catalog if r])
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(pd.DataFrame([r for r in catalog if r]).to_string(index=False))
+    if "ml-1m" in as_list(cfg["dataset"]):
+        ml = resolve_config(dict(overrides, max_len=200, d_model=64, n_layers=2), "ml-1m")
+        run = train_and_evaluate(ml, "HoloMamba", seeds_of(ml)[0])
+        first = next((h for h in run["history"] if h["valid_ndcg@10"] >= 0.15), None)
+        summary = {"device": str(device), "scan_backend": cfg["scan_backend"],
+                   "ml1m_epoch_seconds": run["history"][-1]["train_seconds"] / run["history"][-1]["epoch"],
+                   "ml1m_eval_seconds": timed(lambda: target_ranks(run["module"], *(t.to(device) for t in load_dataset(ml).split("valid", 200)), ml, device), device),
+                   "seconds_to_valid_ndcg10_0.15": first["seconds"] if first else None}
+        write_json(Path(cfg["results_dir"]) / "efficiency_ml1m.json", summary)
+        print(json.dumps(summary))
+    return rows
+
+
+def catalog_only(n_items, n_attributes=50):
+    """A SequenceData with a catalog (items with attribute id % 50) and no users: enough to build a model."""
+    attributes = (torch.arange(n_items + 1) % n_attributes + 1).unsqueeze(1)
+    attributes[0] = 0
+    return SequenceData("synthetic", 0, n_items, n_attributes, 0, attributes, [], torch.ones(n_items + 1, dtype=torch.long))
+
+
+def fake_batch(n_items, batch, length, device, generator=None):
+    seq = torch.randint(1, n_items + 1, (batch, length + 1), generator=generator).to(device)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def measure_model(name, cfg, n_items, device):
+    """One row of the efficiency table for one model at one sequence length."""
+    set_seed(0)
+    model = build_model(name, cfg, catalog_only(n_items)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs, targets = fake_batch(n_items, cfg["efficiency_batch"], cfg["max_len"], device)
+
+    def train_step():
+        with autocast(cfg, device):
+            loss = next_item_loss(model, inputs, targets, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    with PeakMemory(device) as peak:
+        train_step()
+    train_s = timed(train_step, device, repeats=3)
+    model.eval()
+    with torch.no_grad(), autocast(cfg, device):
+        infer_s = timed(lambda: model.score_next(inputs), device, repeats=3)
+        step_ms = streaming_step_ms(model, inputs[:1], device)
+    return {"model": name, "max_len": cfg["max_len"], "batch": cfg["efficiency_batch"], "device": str(device),
+            "scan_backend": cfg["scan_backend"] if "Mamba" in name else "",
+            "train_seqs_per_s": cfg["efficiency_batch"] / train_s, "train_peak_mem_mb": peak.mb,
+            "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms,
+            "stream_mode": "recurrent state" if hasattr(model, "step") else "recompute window"}
+
+
+def streaming_step_ms(model, history, device, steps=20):
+    """Median latency of scoring one new interaction for one user after `history`: a recurrent O(1) step
+    for models with a state, a forward over the whole window otherwise."""
+    if not hasattr(model, "step"):
+        return 1000 * timed(lambda: model.score_next(history), device, repeats=steps)
+    state = model.init_state(1)
+    for t in range(history.shape[1]):  # prefill the state item by item
+        _, state = model.step(state, history[:, t])
+    item = history[:, -1]
+    return 1000 * timed(lambda: model.step(state, item), device, repeats=steps)
+
+
+def measure_catalog(cfg, n_items, device):
+    """Time and peak memory of one HoloMamba training step with a catalog of n_items (full or sampled
+    softmax). Skips full softmax where its logits alone would not fit in a few GB."""
+    batch = cfg["efficiency_batch"]
+    logits_gb = batch * cfg["max_len"] * n_items * 4 / 2**30
+    if cfg["num_negatives"] == 0 and logits_gb > (20 if device.type == "cuda" else 4):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    model = build_model("HoloMamba", cfg, catalog_only(n_items)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs, targets = fake_batch(n_items, batch, cfg["max_len"], device, generator)
+    log_q = torch.full((n_items + 1,), -math.log(n_items), device=device)
+    log_q[0] = -float("inf")
+
+    def train_step():
+        with autocast(cfg, device):
+            loss = next_item_loss(model, inputs, targets, cfg, log_q)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with PeakMemory(device) as peak:
+        train_step()
+    return {"n_items": n_items, "softmax": "full" if cfg["num_negatives"] == 0 else f"sampled ({cfg['num_negatives']})",
+            "step_ms": 1000 * timed(train_step, device, repeats=3), "peak_mem_mb": peak.mb, "device": str(device)}
+
+
+def stats_stage(overrides):
+    """Print each dataset after filtering as one JSON line."""
+    for dataset in datasets_of(overrides):
+        print(json.dumps(load_dataset(resolve_config(overrides, dataset)).stats()))
+
+
+# =====================================================================================================
+# Figures (drawn from the saved result files, never by re-training)
+# =====================================================================================================
+def plot_figures(cfg):
+    """Draw every figure whose result file exists; returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, figures = Path(cfg["results_dir"]), Path(cfg["figures_dir"])
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(figures / name, dpi=120)
+        plt.close(fig)
+        written.append(figures / name)
+
+    if (results / "history.csv").is_file():
+        hist = pd.read_csv(results / "history.csv")
+        hist = hist[hist["preset"] == cfg["preset"]]
+        for dataset, part in hist.groupby("dataset"):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for (model, seed), curve in part.groupby(["model", "seed"]):
+                ax.plot(curve["epoch"], curve["valid_ndcg@10"], label=f"{model} (seed {seed})")
+            ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"Learning curves: {dataset}")
+            ax.legend(fontsize=7)
+            save(fig, f"learning_curves_{safe_name(dataset)}.png")
+    if (results / "ablation.csv").is_file():
+        abl = pd.read_csv(results / "ablation.csv")
+        abl = abl[(abl["split"] == "test") & (abl["preset"] == cfg["preset"])]
+        if len(abl):
+            means = abl.groupby(["dataset", "model"])["ndcg@10"].agg(["mean", "std"]).unstack("model")
+            fig, ax = plt.subplots(figsize=(6, 4))
+            means["mean"].plot.bar(yerr=means["std"].fillna(0), ax=ax, rot=0)
+            ax.set(ylabel="test NDCG@10", title="Ablation: holographic binding vs item-only")
+            save(fig, "ablation.png")
+    if (results / "compression.csv").is_file():
+        comp = pd.read_csv(results / "compression.csv")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for dataset, part in comp.groupby("dataset"):
+            axes[0].plot(part["k"], part["ndcg@10"], "o-", label=dataset)
+            axes[1].plot(part["k"], part["latency_ms"], "o-", label=dataset)
+        axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", xscale="log", title="Accuracy")
+        axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", xscale="log", title="Latency")
+        axes[0].legend()
+        save(fig, "compression.png")
+    if (results / "efficiency.csv").is_file():
+        eff = pd.read_csv(results / "efficiency.csv")
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for model, part in eff.groupby("model"):
+            axes[0].plot(part["max_len"], part["train_peak_mem_mb"], "o-", label=model)
+            axes[1].plot(part["max_len"], part["batch_infer_ms"], "o-", label=model)
+            axes[2].plot(part["max_len"], part["stream_step_ms"], "o-", label=model)
+        for ax, label in zip(axes, ("training peak memory (MB)", "batch inference (ms)", "one new interaction (ms)")):
+            ax.set(xlabel="sequence length L", ylabel=label, xscale="log", yscale="log")
+        axes[0].legend()
+        save(fig, "efficiency.png")
+    grid = Path(cfg["grid_csv"])
+    if grid.is_file():
+        table = pd.read_csv(grid)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for dataset, part in table.groupby("dataset"):
+            ax.scatter(part["valid_ndcg@10"], part["test_ndcg@10"], label=dataset)
+        ax.set(xlabel="validation NDCG@10", ylabel="test NDCG@10", title="Grid search trials")
+        ax.legend()
+        save(fig, "grid_search.png")
+    return written
+
+
+def safe_name(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# =====================================================================================================
+# Command line
+# =====================================================================================================
+PAPER_SEQUENCE = ("benchmark", "ablation", "grid", "compression")
+STAGE_FUNCTIONS = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
+                   "compression": compression_stage, "efficiency": efficiency_stage, "stats": stats_stage}
+
+
+def setup_distributed(overrides):
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU (NCCL) or per CPU process (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return overrides
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and overrides.get("device", "auto") != "cpu":
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+        return dict(overrides, device=f"cuda:{local_rank}")
+    torch.distributed.init_process_group("gloo")
+    return dict(overrides, device="cpu")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help())
+        return 0
+    try:
+        overrides = parse_cli(argv)
+        cfg = resolve_config(overrides)
+        for dataset in as_list(cfg["dataset"]):
+            resolve_config(overrides, dataset)  # fail now, not after hours, on a bad per-dataset value
+        overrides = setup_distributed(overrides)
+        stages = as_list(cfg["stage"])
+        if stages == ["all"]:
+            stages = list(PAPER_SEQUENCE) + (["efficiency"] if cfg["preset"] == "quick" else [])
+        if is_main_process():
+            print(f"HoloMambaRec | stages: {', '.join(stages)} | preset: {cfg['preset']} | datasets: {cfg['dataset']}"
+                  f" | device: {pick_device(cfg['device'])} | mamba-ssm kernel: {_mamba_selective_scan_fn is not None}",
+                  file=sys.stderr)
+        for stage in stages:
+            STAGE_FUNCTIONS[stage](overrides)
+        if is_main_process() and stages != ["stats"]:
+            for path in plot_figures(cfg):
+                print(f"figure: {path}", file=sys.stderr)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
