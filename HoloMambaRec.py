@@ -697,7 +697,7 @@ def selective_scan_cuda(u, delta, A, B, C, D, state=None):
     if state is not None:
         raise ValueError("the cuda scan starts from a zero state")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (b, l, x) -> (b, x, l)
-    y, last = _mamba_selective_scan_fn(tr(u), tr(delta), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
+    y, last = _mamba_selective_scan_fn(tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
                                        D.float(), return_last_state=True)
     return y.transpose(1, 2), last
 
@@ -798,8 +798,7 @@ class Recommender(nn.Module):
 
     def score_next(self, seq):
         """(b, n_items) scores for items 1..n after the last position of each sequence."""
-        hidden = self(seq)[:, -1]
-        return hidden.float() @ self.output_embeddings()[1:].float().T
+        return exact_scores(self(seq)[:, -1], self.output_embeddings()[1:])
 
 
 class HoloMamba(Recommender):
@@ -937,7 +936,8 @@ class GRU4Rec(Recommender):
         right = seq.gather(1, shift)
         packed = nn.utils.rnn.pack_padded_sequence(self.dropout(self.item_emb(right)), lengths.clamp(min=1).cpu(),
                                                    batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
+        with torch.autocast(seq.device.type, enabled=False):  # cuDNN's GRU in fp32
+            out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=l)
         back = (torch.arange(l, device=seq.device)[None, :] - (l - lengths)[:, None]) % l
         out = out.gather(1, back.unsqueeze(-1).expand_as(out))
@@ -980,6 +980,12 @@ def autocast(cfg, device):
     return contextlib.nullcontext()
 
 
+def exact_scores(hidden, table):
+    """hidden (b, d) · table (n, d)^T in fp32 even under autocast: bf16 scores would tie and inflate ranks."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.float() @ table.float().T
+
+
 def ranks_of_targets(scores, targets):
     """0-based rank of each target among all items (items 1..n in columns 0..n-1); ties count in the
     target's favour only against items with exactly equal score."""
@@ -1006,10 +1012,10 @@ def target_ranks(model, inputs, targets, cfg, device):
     model.eval()
     ranks = []
     with autocast(cfg, device):
-        table = model.output_embeddings()[1:].float()
+        table = model.output_embeddings()[1:]
         for i in range(0, len(inputs), cfg["eval_batch_size"]):
-            hidden = model(inputs[i:i + cfg["eval_batch_size"]])[:, -1].float()
-            ranks.append(ranks_of_targets(hidden @ table.T, targets[i:i + cfg["eval_batch_size"]]))
+            hidden = model(inputs[i:i + cfg["eval_batch_size"]])[:, -1]
+            ranks.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + cfg["eval_batch_size"]]))
     return torch.cat(ranks)
 
 
@@ -1396,10 +1402,10 @@ def compression_stage(overrides):
             def score_all():
                 out = []
                 with torch.no_grad(), autocast(cfg, device):
-                    table = model.output_embeddings()[1:].float()
+                    table = model.output_embeddings()[1:]
                     for i in range(0, len(inputs), cfg["eval_batch_size"]):
-                        hidden = bundled_forward(model, inputs[i:i + cfg["eval_batch_size"]], k)[:, -1].float()
-                        out.append(ranks_of_targets(hidden @ table.T, targets[i:i + cfg["eval_batch_size"]]))
+                        hidden = bundled_forward(model, inputs[i:i + cfg["eval_batch_size"]], k)[:, -1]
+                        out.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + cfg["eval_batch_size"]]))
                 return torch.cat(out)
             with PeakMemory(device) as peak:
                 ranks = score_all()
