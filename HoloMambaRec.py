@@ -88,6 +88,8 @@ GLOBAL_CONFIG = {
     "grad_clip": 1.0,  # gradient-norm clipping (0 = off)
     "label_smoothing": 0.0,  # label smoothing of the full-softmax cross-entropy
     "num_negatives": 0,  # 0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction
+    "train_window": "last",  # training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)
+    "time_limit": 0.0,  # stop training a run after this many minutes (0 = no limit); the best weights so far are kept
     "patience": 10,  # evaluations without a better validation NDCG@10 before training stops
     "eval_every": 1,  # evaluate on validation every this many epochs
     "eval_batch_size": 1024,  # users per evaluation batch
@@ -246,6 +248,8 @@ def validate_config(cfg):
     need(0 < cfg["cold_user_fraction"] <= 1, "cold_user_fraction", "must be in (0, 1]")
     need(0 <= cfg["label_smoothing"] < 1, "label_smoothing", "must be in [0, 1)")
     need(cfg["d_model"] % cfg["n_heads"] == 0, "n_heads", "must divide d_model")
+    need(cfg["train_window"] in ("last", "random"), "train_window", "choose last or random")
+    need(cfg["time_limit"] >= 0, "time_limit", "must be >= 0")
     need(cfg["attribute_mode"] in ("first", "all", "modulo"), "attribute_mode", "choose first, all or modulo")
     need(cfg["scan_backend"] in ("auto", "cuda", "parallel", "reference"), "scan_backend",
          "choose auto, cuda, parallel or reference")
@@ -503,10 +507,7 @@ class SequenceData:
         """Left-padded tensors of one split. train: (inputs, targets) of shape (U, max_len), next-item
         target at every position; valid / test: (inputs (U, max_len), target (U,)) for leave-one-out."""
         if which == "train":
-            windows = [s[:-2][-(max_len + 1):] for s in self.sequences]
-            inputs = left_pad([w[:-1] for w in windows], max_len)
-            targets = left_pad([w[1:] for w in windows], max_len)
-            return inputs, targets
+            return TrainingWindows(self, max_len, "cpu").sample("last")
         cut = {"valid": 2, "test": 1}[which]
         inputs = left_pad([s[:-cut][-max_len:] for s in self.sequences], max_len)
         targets = torch.as_tensor(np.array([s[-cut] for s in self.sequences]))
@@ -514,6 +515,30 @@ class SequenceData:
 
     def train_lengths(self):
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
+
+
+class TrainingWindows:
+    """Every user's training history (all but the last two items) as one flat tensor on the device, cut into
+    (input, target) windows of max_len per epoch by index arithmetic: "last" takes the most recent window
+    (the standard), "random" a window ending anywhere from the first full window to the most recent."""
+
+    def __init__(self, data, max_len, device):
+        histories = [s[:-2] for s in data.sequences]
+        self.lengths = torch.as_tensor([len(h) for h in histories], device=device)
+        self.starts = torch.cumsum(self.lengths, 0) - self.lengths
+        self.flat = torch.as_tensor(np.concatenate(histories), device=device)
+        self.max_len = max_len
+        self.offsets = torch.arange(-max_len - 1, 0, device=device)
+
+    def sample(self, mode, generator=None):
+        ends = self.lengths  # exclusive end of each window, in history positions
+        if mode == "random":
+            low = self.lengths.clamp(max=self.max_len + 1)
+            u = torch.rand(len(ends), generator=generator).to(ends.device)
+            ends = low + (u * (self.lengths - low + 1)).long().clamp(max=self.lengths - low)
+        index = ends[:, None] + self.offsets  # (U, max_len + 1) positions, negative = padding
+        window = torch.where(index >= 0, self.flat[(self.starts[:, None] + index).clamp(min=0)], 0)
+        return window[:, :-1], window[:, 1:]
 
     def stats(self):
         """Counts after filtering; attributes = distinct attribute values of the kept items."""
@@ -825,18 +850,23 @@ class HoloMamba(Recommender):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.attr_emb.weight, std=0.02)
 
-    def embed(self, ids):
-        """Holographic item embedding. With several attributes, binding distributes over the bundle:
-        Σ_j item ⊛ attr_j = item ⊛ Σ_j attr_j, so one FFT product binds them all."""
+    def item_vectors(self, ids):
+        """Holographic item vector item + α · item ⊛ attribute. With several attributes, binding distributes
+        over their bundle: Σ_j item ⊛ attr_j = item ⊛ Σ_j attr_j, so one FFT product binds them all."""
         e = self.item_emb(ids)
         if self.use_binding:
             attrs = self.item_attributes[ids]
             a = self.attr_emb(attrs).sum(-2) / attrs.gt(0).sum(-1, keepdim=True).clamp(min=1)
             e = e + self.alpha * bind(e, a)
-        return self.emb_norm(e)
+        return e
+
+    def embed(self, ids):
+        """Encoder input: the normalised item vector."""
+        return self.emb_norm(self.item_vectors(ids))
 
     def output_embeddings(self):
-        return self.embed(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
+        """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
+        return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
 
     def encode(self, x, mask):
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
@@ -861,8 +891,7 @@ class HoloMamba(Recommender):
             x, new_state = x + out, new_state + [s]
             if self.ffns:
                 x = x + self.ffns[i](self.ffn_norms[i](x))
-        hidden = self.final_norm(x)
-        return hidden @ self.output_embeddings()[1:].T, new_state
+        return exact_scores(self.final_norm(x), self.output_embeddings()[1:]), new_state
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -899,6 +928,7 @@ class SASRec(Recommender):
                                     for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(d)
         nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def forward(self, seq):
         b, l = seq.shape
@@ -948,7 +978,7 @@ class GRU4Rec(Recommender):
 
     def step(self, state, item):
         out, state = self.gru(self.item_emb(item).unsqueeze(1), state)
-        return self.final_norm(out[:, 0]) @ self.item_emb.weight[1:].T, state
+        return exact_scores(self.final_norm(out[:, 0]), self.item_emb.weight[1:]), state
 
 
 def build_model(name, cfg, data):
@@ -1023,7 +1053,7 @@ def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
     """Cross-entropy of the next item at every non-padded position: full softmax over all items, or
     sampled softmax with popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
     hidden = model(inputs)
-    keep = targets.gt(0)
+    keep = targets.gt(0) & inputs.gt(0)  # a target needs at least one real item before it
     hidden, targets = hidden[keep], targets[keep]
     table = model.output_embeddings()
     if cfg["num_negatives"] == 0:
@@ -1050,7 +1080,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     """Train with AdamW and early stopping on validation NDCG@10; restores the best weights and returns the
     per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every epoch's users."""
-    train_x, train_y = (t.to(device) for t in data.split("train", cfg["max_len"]))
+    windows = TrainingWindows(data, cfg["max_len"], device)
     valid_x, valid_y = (t.to(device) for t in data.split("valid", cfg["max_len"]))
     counts = data.item_counts.to(device).double() + 1
     counts[0] = 0
@@ -1062,7 +1092,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     if cfg["compile"]:
         runner = torch.compile(runner)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps_per_epoch = math.ceil(len(train_x) / world / cfg["batch_size"])
+    steps_per_epoch = math.ceil(data.n_users / world / cfg["batch_size"])
     warmup = max(1, cfg["warmup_epochs"] * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     generator = torch.Generator().manual_seed(torch.initial_seed())
@@ -1072,6 +1102,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     for epoch in bar:
         model.train()
         epoch_start = time.perf_counter()
+        train_x, train_y = windows.sample(cfg["train_window"], generator)
         order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
         total = torch.zeros((), device=device)
         for i in range(0, len(order), cfg["batch_size"]):
@@ -1104,6 +1135,9 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
             stale += 1
             if stale >= cfg["patience"]:
                 break
+        if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"]:
+            tqdm.write(f"{desc}: stopped by --time_limit={cfg['time_limit']} min after epoch {epoch + 1}")
+            break
     model.load_state_dict(best_state)
     return history
 
