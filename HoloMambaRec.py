@@ -96,6 +96,7 @@ GLOBAL_CONFIG = {
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "amp": True,  # bf16 autocast on CUDA (the CPU always trains in fp32)
     "compile": False,  # torch.compile the model
+    "cuda_graphs": True,  # capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)
     "results_dir": "results",  # CSV / JSON / Markdown outputs
     "figures_dir": "figures",  # PNG figures
     "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
@@ -805,6 +806,15 @@ class MambaBlock(nn.Module):
 # =====================================================================================================
 # Contract: forward(seq (b, l) left-padded item ids) -> hidden states (b, l, d); output_embeddings() ->
 # (n_items + 1, d); the score of item i after position t is hidden[:, t] · output_embeddings()[i].
+def small_init(embedding, std=0.02):
+    """N(0, std) weights with the padding row at exactly zero (nn.init would overwrite it)."""
+    nn.init.normal_(embedding.weight, std=std)
+    if embedding.padding_idx is not None:
+        with torch.no_grad():
+            embedding.weight[embedding.padding_idx].zero_()
+    return embedding
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model, dropout):
         super().__init__()
@@ -834,8 +844,8 @@ class HoloMamba(Recommender):
     def __init__(self, cfg, n_items, item_attributes, n_attributes, use_binding=True):
         super().__init__()
         d, self.use_binding = cfg["d_model"], use_binding
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
-        self.attr_emb = nn.Embedding(n_attributes + 1, d, padding_idx=0)
+        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
+        self.attr_emb = small_init(nn.Embedding(n_attributes + 1, d, padding_idx=0))
         self.register_buffer("item_attributes", item_attributes, persistent=False)
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.emb_norm = nn.LayerNorm(d)
@@ -847,8 +857,6 @@ class HoloMamba(Recommender):
         self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
         self.ffn_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_ffn))
         self.final_norm = nn.LayerNorm(d)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        nn.init.normal_(self.attr_emb.weight, std=0.02)
 
     def item_vectors(self, ids):
         """Holographic item vector item + α · item ⊛ attribute. With several attributes, binding distributes
@@ -921,14 +929,12 @@ class SASRec(Recommender):
     def __init__(self, cfg, n_items, **_):
         super().__init__()
         d = cfg["d_model"]
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg["max_len"], d)
+        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
+        self.pos_emb = small_init(nn.Embedding(cfg["max_len"], d))
         self.dropout = nn.Dropout(cfg["dropout"])
         self.blocks = nn.ModuleList(CausalSelfAttentionBlock(d, cfg["n_heads"], cfg["dropout"])
                                     for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(d)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def forward(self, seq):
         b, l = seq.shape
@@ -946,31 +952,21 @@ class SASRec(Recommender):
 
 
 class GRU4Rec(Recommender):
-    """GRU over the item sequence (Hidasi et al. 2016, with full cross-entropy). Sequences are packed so
-    that left padding never enters the recurrence."""
+    """GRU over the item sequence (Hidasi et al. 2016, with full cross-entropy). The GRU has no biases, so a
+    zero input on a zero state leaves the state at zero: left padding (zero embeddings) is inert without
+    packing, which keeps the step free of host synchronisation."""
 
     def __init__(self, cfg, n_items, **_):
         super().__init__()
         d = cfg["d_model"]
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
         self.dropout = nn.Dropout(cfg["dropout"])
-        self.gru = nn.GRU(d, d, num_layers=cfg["n_layers"], batch_first=True)
+        self.gru = nn.GRU(d, d, num_layers=cfg["n_layers"], batch_first=True, bias=False)
         self.final_norm = nn.LayerNorm(d)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
 
     def forward(self, seq):
-        b, l = seq.shape
-        lengths = seq.gt(0).sum(1)
-        # left-padded -> right-padded, run packed, then back to left-padded
-        shift = (torch.arange(l, device=seq.device)[None, :] + (l - lengths)[:, None]) % l
-        right = seq.gather(1, shift)
-        packed = nn.utils.rnn.pack_padded_sequence(self.dropout(self.item_emb(right)), lengths.clamp(min=1).cpu(),
-                                                   batch_first=True, enforce_sorted=False)
-        with torch.autocast(seq.device.type, enabled=False):  # cuDNN's GRU in fp32
-            out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=l)
-        back = (torch.arange(l, device=seq.device)[None, :] - (l - lengths)[:, None]) % l
-        out = out.gather(1, back.unsqueeze(-1).expand_as(out))
+        with torch.autocast(seq.device.type, enabled=False):  # the recurrence in fp32
+            out, _ = self.gru(self.dropout(self.item_emb(seq)))
         return self.final_norm(self.dropout(out))
 
     def init_state(self, batch):
@@ -1050,15 +1046,17 @@ def target_ranks(model, inputs, targets, cfg, device):
 
 
 def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
-    """Cross-entropy of the next item at every non-padded position: full softmax over all items, or
-    sampled softmax with popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
+    """Cross-entropy of the next item at every position that has a real input: full softmax over all items
+    (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
+    popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
     hidden = model(inputs)
-    keep = targets.gt(0) & inputs.gt(0)  # a target needs at least one real item before it
-    hidden, targets = hidden[keep], targets[keep]
     table = model.output_embeddings()
     if cfg["num_negatives"] == 0:
-        logits = hidden @ table[1:].T
-        return F.cross_entropy(logits.float(), targets - 1, label_smoothing=cfg["label_smoothing"])
+        labels = torch.where(inputs.gt(0), targets, 0) - 1  # -1: padding, ignored
+        logits = (hidden @ table[1:].T).flatten(0, 1).float()
+        return F.cross_entropy(logits, labels.flatten(), ignore_index=-1, label_smoothing=cfg["label_smoothing"])
+    keep = targets.gt(0) & inputs.gt(0)
+    hidden, targets = hidden[keep], targets[keep]
     negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
     pos = (hidden * table[targets]).sum(-1, keepdim=True) - item_log_q[targets].unsqueeze(1)
     neg = hidden @ table[negatives].T - item_log_q[negatives]
@@ -1076,6 +1074,73 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+class TrainStep:
+    """One optimisation step (forward, backward, clipping, AdamW). On CUDA it is captured once as a CUDA
+    graph and replayed, which removes the per-kernel launch cost that dominates small recommenders; the
+    batch shape is then fixed, so a short last batch is padded with empty rows (they carry no loss)."""
+
+    def __init__(self, model, runner, cfg, device, item_log_q):
+        self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
+        self.use_graph = (device.type == "cuda" and cfg["cuda_graphs"] and cfg["num_negatives"] == 0
+                          and runner is model and cfg["warmup_epochs"] == 0)
+        extra = {"fused": True, "capturable": True} if self.use_graph else {}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], **extra)
+        self.device, self.graph, self.steps = device, None, 0
+
+    def lr_factor(self):
+        warmup = self.cfg["warmup_epochs"] * self.steps_per_epoch
+        return min(1.0, (self.steps + 1) / warmup) if warmup else 1.0
+
+    def forward_backward(self, x, y):
+        with autocast(self.cfg, self.device):
+            loss = next_item_loss(self.runner, x, y, self.cfg, self.item_log_q)
+        loss.backward()
+        if self.cfg["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, x, y):
+        if not self.use_graph:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg["lr"] * self.lr_factor()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps += 1
+            return self.forward_backward(x, y)
+        if len(x) < self.cfg["batch_size"]:
+            pad = self.cfg["batch_size"] - len(x)
+            x, y = F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad))
+        if self.graph is None:
+            self.capture(x, y)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        self.graph.replay()
+        return self.static_loss.clone()
+
+    def capture(self, x, y):
+        """Warm up on a side stream, record the step, then restore the weights and optimizer state the
+        warm-up changed, so training starts exactly where the eager path would."""
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.static_x, self.static_y = x.clone(), y.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward(self.static_x, self.static_y)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.forward_backward(self.static_x, self.static_y)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.optimizer.state.values():
+                for t in state.values():
+                    t.zero_()
+
+
 def fit(model, data, cfg, device, desc="train", distributed=True):
     """Train with AdamW and early stopping on validation NDCG@10; restores the best weights and returns the
     per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
@@ -1091,10 +1156,8 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         runner = torch.compile(runner)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps_per_epoch = math.ceil(data.n_users / world / cfg["batch_size"])
-    warmup = max(1, cfg["warmup_epochs"] * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    step = TrainStep(model, runner, cfg, device, item_log_q)
+    step.steps_per_epoch = math.ceil(data.n_users / world / cfg["batch_size"])
     generator = torch.Generator().manual_seed(torch.initial_seed())
     history, best, best_state, stale = [], -1.0, None, 0
     train_seconds, start = 0.0, time.perf_counter()
@@ -1107,21 +1170,13 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
         total = torch.zeros((), device=device)
         for i in range(0, len(order), cfg["batch_size"]):
             idx = order[i:i + cfg["batch_size"]]
-            with autocast(cfg, device):
-                loss = next_item_loss(runner, train_x[idx], train_y[idx], cfg, item_log_q)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"] > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach()
+            total += step(train_x[idx], train_y[idx])
         synchronize(device)
         train_seconds += time.perf_counter() - epoch_start
         if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
             continue
         metrics = full_ranking_metrics(target_ranks(model, valid_x, valid_y, cfg, device))
-        history.append({"epoch": epoch + 1, "loss": total.item() / steps_per_epoch,
+        history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
                         "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
@@ -1133,10 +1188,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= cfg["patience"]:
-                break
-        if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"]:
-            tqdm.write(f"{desc}: stopped by --time_limit={cfg['time_limit']} min after epoch {epoch + 1}")
+        if stale >= cfg["patience"] or (cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"]):
             break
     model.load_state_dict(best_state)
     return history

@@ -47,3 +47,24 @@ def test_holomamba_same_scores_with_cuda_and_parallel_backends():
             mixer.scan_backend = "parallel"
         plain = model.score_next(seq)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["HoloMamba", "SASRec", "GRU4Rec"])
+def test_cuda_graph_training_matches_eager(name):
+    """The captured-and-replayed training step follows the eager step (dropout off, same batches)."""
+    cfg = H.resolve_config({"d_model": 32, "n_layers": 2, "max_len": 20, "dropout": 0.0, "batch_size": 8,
+                            "amp": False}, "synthetic")
+    cfg = dict(cfg, scan_backend=H.pick_scan_backend("auto", torch.device("cuda")))
+    data = H.catalog_only(50)
+    g = torch.Generator().manual_seed(0)
+    batches = [tuple(t.cuda() for t in H.fake_batch(50, 8, 20, "cpu", g)) for _ in range(6)]
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = H.build_model(name, dict(cfg, cuda_graphs=graphs), data).cuda().train()
+        step = H.TrainStep(model, model, dict(cfg, cuda_graphs=graphs), torch.device("cuda"), None)
+        step.steps_per_epoch = 6
+        assert step.use_graph == graphs
+        losses[graphs] = torch.stack([step(x, y) for x, y in batches]).cpu()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
