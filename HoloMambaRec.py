@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,9 @@ def parse_cli(argv):
 
 def resolve_config(overrides, dataset=None):
     """defaults < preset < preset[dataset] < overrides, validated."""
+    unknown = sorted(set(overrides) - set(GLOBAL_CONFIG))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}' (python HoloMambaRec.py --help lists the keys)")
     preset_name = overrides.get("preset", GLOBAL_CONFIG["preset"])
     if preset_name not in PRESETS:
         raise ConfigError(f"--preset={preset_name}: unknown preset (choose from {', '.join(PRESETS)})")
@@ -348,7 +352,7 @@ def reading(path):
         yield
     except DataError:
         raise
-    except (EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, SyntaxError) as exc:
+    except (EOFError, OSError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, SyntaxError) as exc:
         raise DataError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
                         "delete it and download it again") from None
 
@@ -521,6 +525,12 @@ class SequenceData:
     def train_lengths(self):
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
 
+    def stats(self):
+        """Counts after filtering; attributes = distinct attribute values of the kept items."""
+        used = self.item_attributes[1:].unique()
+        return {"dataset": self.name, "users": self.n_users, "items": self.n_items,
+                "interactions": self.n_interactions, "attributes": int((used > 1).sum())}
+
 
 class TrainingWindows:
     """Every user's training history (all but the last two items) as one flat tensor on the device, cut into
@@ -544,12 +554,6 @@ class TrainingWindows:
         index = ends[:, None] + self.offsets  # (U, max_len + 1) positions, negative = padding
         window = torch.where(index >= 0, self.flat[(self.starts[:, None] + index).clamp(min=0)], 0)
         return window[:, :-1], window[:, 1:]
-
-    def stats(self):
-        """Counts after filtering; attributes = distinct attribute values of the kept items."""
-        used = self.item_attributes[1:].unique()
-        return {"dataset": self.name, "users": self.n_users, "items": self.n_items,
-                "interactions": self.n_interactions, "attributes": int((used > 1).sum())}
 
 
 def left_pad(arrays, length):
@@ -594,8 +598,8 @@ def attribute_table(items, raw_attributes, cfg):
     mode = cfg["attribute_mode"]
     if mode == "modulo":
         table = torch.zeros(len(items) + 1, 1, dtype=torch.long)
-        table[1:, 0] = torch.arange(1, len(items) + 1) % 50 + 1
-        return table, 50
+        table[1:, 0] = torch.arange(1, len(items) + 1) % 50 + 2  # ids 2..51 (1 stays 'no attribute')
+        return table, 51
     width = 1 if mode == "first" else cfg["max_attributes"]
     vocab = {"<none>": 1}
     rows = [[0] * width]
@@ -712,8 +716,9 @@ class LinearScan(torch.autograd.Function):
 
 
 def selective_scan_parallel(u, delta, A, B, C, D, state=None):
-    dtype = u.dtype
-    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    dtype, work = u.dtype, torch.promote_types(u.dtype, torch.float32)  # fp32 at least
+    u, delta, A, B, C, D = (t.to(work) for t in (u, delta, A, B, C, D))
+    state = None if state is None else state.to(work)
     decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n)
     x = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, d, n)
     if state is not None:  # fold an initial state into the first input
@@ -784,7 +789,8 @@ class MambaBlock(nn.Module):
         delta, B, C = self.ssm_inputs(x)
         if mask is not None:
             delta = delta * mask
-        y, _ = SCAN_BACKENDS[self.scan_backend](x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
+        scan = SCAN_BACKENDS[pick_scan_backend(self.scan_backend, x.device)]
+        y, _ = scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
         return self.out_proj(y * F.silu(z))
 
     def init_state(self, batch, device):
@@ -1320,7 +1326,7 @@ def upsert_csv(path, rows, key):
     path = Path(path)
     new = pd.DataFrame(rows)
     if path.is_file():
-        old = pd.read_csv(path)
+        old = pd.read_csv(path, dtype={"config": str})
         keys = set(map(tuple, new[key].astype(str).to_numpy()))
         old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
         new = pd.concat([old, new], ignore_index=True)

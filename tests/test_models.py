@@ -1,0 +1,197 @@
+"""Models: shapes, inert left padding, streaming steps against the full forward, scan backends."""
+import pytest
+import torch
+
+import HoloMambaRec as H
+
+N_ITEMS = 37
+MAX_LEN = 12
+
+
+def tiny_cfg(**extra):
+    """scan_backend is pinned to "parallel" so that these tests check their own property; the default
+    "auto" is covered by test_build_model_with_default_auto_scan_backend_runs."""
+    return H.resolve_config({"d_model": 16, "n_layers": 2, "d_state": 8, "max_len": MAX_LEN, "dropout": 0.1,
+                             "n_heads": 2, "device": "cpu", "scan_backend": "parallel", **extra}, "synthetic")
+
+
+def perturbed(model, seed=0, scale=0.1):
+    """Move every weight away from its initial value (LayerNorm biases, alpha, ...), as training would,
+    keeping the padding rows of embeddings at zero (their gradient is zero, so training keeps them zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+    return model.eval()
+
+
+def build(name, seed=0, data=None, **extra):
+    torch.manual_seed(seed)
+    return perturbed(H.build_model(name, tiny_cfg(**extra), data or H.catalog_only(N_ITEMS)), seed)
+
+
+def random_items(shape, seed=0, n_items=N_ITEMS):
+    return torch.randint(1, n_items + 1, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", H.MODEL_NAMES)
+def test_shapes_with_catalog_only(name):
+    model = build(name)
+    seq = random_items((3, MAX_LEN))
+    seq[0, :4] = 0  # some left padding
+    with torch.no_grad():
+        assert model(seq).shape == (3, MAX_LEN, 16)
+        assert model(seq[:, -5:]).shape == (3, 5, 16)
+        scores = model.score_next(seq)
+    assert scores.shape == (3, N_ITEMS)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert model.output_embeddings().shape == (N_ITEMS + 1, 16)
+
+
+@pytest.mark.parametrize("name", H.MODEL_NAMES)
+def test_shapes_with_loaded_dataset(name):
+    cfg = tiny_cfg()
+    data = H.load_dataset(cfg)
+    torch.manual_seed(0)
+    model = H.build_model(name, cfg, data).eval()
+    inputs, targets = data.split("valid", MAX_LEN)
+    with torch.no_grad():
+        hidden = model(inputs[:5])
+        scores = model.score_next(inputs[:5])
+    assert hidden.shape == (5, MAX_LEN, 16)
+    assert scores.shape == (5, data.n_items)
+    assert inputs.shape == (data.n_users, MAX_LEN) and targets.shape == (data.n_users,)
+
+
+@pytest.mark.parametrize("name", ["HoloMamba", "Mamba-ItemOnly"])
+def test_build_model_with_default_auto_scan_backend_runs(name):
+    """build_model on a validated config with the default scan_backend="auto" must give a model that runs
+    on the CPU (auto means the parallel scan there), with the same scores as an explicit "parallel"."""
+    cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "d_state": 8, "max_len": MAX_LEN}, "synthetic")
+    assert cfg["scan_backend"] == "auto"
+    seq = random_items((2, MAX_LEN), seed=3)
+    torch.manual_seed(0)
+    auto = H.build_model(name, cfg, H.catalog_only(N_ITEMS)).eval()
+    torch.manual_seed(0)
+    parallel = H.build_model(name, dict(cfg, scan_backend="parallel"), H.catalog_only(N_ITEMS)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto.score_next(seq), parallel.score_next(seq), rtol=0, atol=0)
+
+
+def test_holomamba_binding_changes_item_vectors_and_itemonly_does_not():
+    data = H.catalog_only(N_ITEMS)
+    torch.manual_seed(0)
+    holo = H.build_model("HoloMamba", tiny_cfg(), data)
+    torch.manual_seed(0)
+    plain = H.build_model("Mamba-ItemOnly", tiny_cfg(), data)
+    ids = torch.arange(1, N_ITEMS + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.item_vectors(ids), plain.item_emb(ids), rtol=0, atol=0)
+        e = holo.item_emb(ids)
+        a = holo.attr_emb(data.item_attributes[ids]).squeeze(1)
+        torch.testing.assert_close(holo.item_vectors(ids), e + holo.alpha * H.bind(e, a), rtol=1e-6, atol=1e-6)
+        assert holo.item_vectors(torch.tensor([0])).abs().max().item() == 0.0  # padding vector is zero
+
+
+@pytest.mark.parametrize("name", H.MODEL_NAMES)
+def test_left_padding_is_inert(name):
+    model = build(name, seed=1)
+    core = random_items((3, 6), seed=2)
+    padded_3 = torch.cat([torch.zeros(3, 3, dtype=torch.long), core], 1)  # length 9
+    padded_6 = torch.cat([torch.zeros(3, 6, dtype=torch.long), core], 1)  # length 12 = max_len
+    with torch.no_grad():
+        base = model(core)[:, -1]
+        for padded in (padded_3, padded_6):
+            torch.testing.assert_close(model(padded)[:, -1], base, rtol=0, atol=1e-5)
+        # a batch of different lengths, padded to the same width, equals each sequence alone
+        mixed = padded_6.clone()
+        mixed[1, :8] = 0  # row 1 keeps only its last 4 items
+        out = model(mixed)[:, -1]
+        torch.testing.assert_close(out[1], model(core[1:2, -4:])[0, -1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[[0, 2]], base[[0, 2]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["HoloMamba", "GRU4Rec"])
+def test_streaming_step_matches_full_forward(name):
+    model = build(name, seed=3)
+    seq = random_items((1, 10), seed=4)
+    with torch.no_grad():
+        state = model.init_state(1)
+        for t in range(seq.shape[1]):
+            scores, state = model.step(state, seq[:, t])
+            assert scores.shape == (1, N_ITEMS)
+            torch.testing.assert_close(scores, model.score_next(seq[:, :t + 1]), rtol=1e-4, atol=1e-4)
+
+
+def test_mamba_ffn_off_streaming_matches_full_forward():
+    model = build("HoloMamba", seed=5, ffn=False, n_layers=3)
+    assert len(model.ffns) == 0
+    seq = random_items((2, 7), seed=6)
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in range(seq.shape[1]):
+            scores, state = model.step(state, seq[:, t])
+        torch.testing.assert_close(scores, model.score_next(seq), rtol=1e-4, atol=1e-4)
+
+
+def test_mamba_block_reference_and_parallel_backends_agree():
+    torch.manual_seed(0)
+    block = H.MambaBlock(16, d_state=8, d_conv=4, expand=2, scan_backend="reference")
+    hidden = torch.randn(3, 11, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    mask = torch.ones(3, 11, 1)
+    mask[0, :4] = 0
+    out_ref = block(hidden, mask)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), [hidden, *block.parameters()])
+    block.scan_backend = "parallel"
+    out_par = block(hidden, mask)
+    grads_par = torch.autograd.grad(out_par.square().sum(), [hidden, *block.parameters()])
+    torch.testing.assert_close(out_par, out_ref, rtol=1e-5, atol=1e-5)
+    for g, gr in zip(grads_par, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-4)
+
+
+def test_holomamba_scores_same_with_reference_and_parallel_backends():
+    model = build("HoloMamba", seed=7, scan_backend="reference")
+    seq = random_items((4, MAX_LEN), seed=8)
+    seq[1, :5] = 0
+    with torch.no_grad():
+        ref = model.score_next(seq)
+        for mixer in model.mixers:
+            mixer.scan_backend = "parallel"
+        par = model.score_next(seq)
+    torch.testing.assert_close(par, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_block_step_matches_forward():
+    torch.manual_seed(0)
+    block = H.MambaBlock(16, d_state=8, d_conv=3, expand=2).eval()
+    hidden = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = block(hidden)
+        state = block.init_state(2, torch.device("cpu"))
+        for t in range(9):
+            out, state = block.step(hidden[:, t], state)
+            torch.testing.assert_close(out, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_bundled_forward_with_window_one_is_the_plain_forward():
+    model = build("HoloMamba", seed=9)
+    seq = random_items((3, 8), seed=10)
+    seq[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(H.bundled_forward(model, seq, 1), model(seq), rtol=1e-6, atol=1e-6)
+        # k = 4 reads ceil(l / k) tokens
+        assert H.bundled_forward(model, seq, 4).shape == (3, 2, 16)
+        assert H.bundled_forward(model, seq[:, 1:], 4).shape == (3, 2, 16)
+
+
+def test_sasrec_attention_never_sees_later_items():
+    model = build("SASRec", seed=11)
+    seq = random_items((2, 8), seed=12)
+    changed = seq.clone()
+    changed[:, 5:] = random_items((2, 3), seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :5], model(seq)[:, :5], rtol=0, atol=1e-5)

@@ -1,0 +1,66 @@
+"""Result files: atomic CSV writes, appends, upserts keyed by run (config tags are strings), summaries."""
+import json
+
+import pandas as pd
+import pytest
+
+import HoloMambaRec as H
+
+KEY = ["dataset", "model", "seed", "split", "preset", "config"]
+
+
+def row(config, value, seed=1):
+    return {"dataset": "synthetic", "model": "HoloMamba", "seed": seed, "split": "test", "preset": "quick",
+            "config": config, "ndcg@10": value}
+
+
+@pytest.mark.parametrize("tag", ["abcdef12", "0123abcd", "01234567", "12e45678"])
+def test_upsert_replaces_the_row_of_the_same_run(tmp_path, tag):
+    """config_tag is 8 hex digits, so some tags look like numbers ("01234567", "12e45678"); the upsert must
+    still recognise the earlier row of the same run and keep the tag text unchanged."""
+    path = tmp_path / "bench.csv"
+    H.upsert_csv(path, [row(tag, 0.1), row(tag, 0.2, seed=2)], KEY)
+    H.upsert_csv(path, [row(tag, 0.5)], KEY)
+    table = pd.read_csv(path, dtype={"config": str})
+    assert len(table) == 2
+    assert sorted(table["config"]) == [tag, tag]
+    assert table.set_index("seed")["ndcg@10"].to_dict() == {1: 0.5, 2: 0.2}
+
+
+def test_upsert_keeps_other_runs(tmp_path):
+    path = tmp_path / "bench.csv"
+    H.upsert_csv(path, [row("aaaaaaaa", 0.1)], KEY)
+    out = H.upsert_csv(path, [row("bbbbbbbb", 0.2)], KEY)
+    assert len(out) == 2 and len(pd.read_csv(path)) == 2
+
+
+def test_append_csv_row_writes_header_once(tmp_path):
+    path = tmp_path / "sub" / "grid.csv"
+    for i in range(3):
+        H.append_csv_row(path, {"trial": f"synthetic|t{i}", "valid_ndcg@10": i / 10})
+    lines = path.read_text().splitlines()
+    assert lines[0] == "trial,valid_ndcg@10" and len(lines) == 4
+    assert pd.read_csv(path)["trial"].tolist() == ["synthetic|t0", "synthetic|t1", "synthetic|t2"]
+
+
+def test_write_csv_and_json_are_atomic(tmp_path):
+    H.write_csv(tmp_path / "a" / "x.csv", [{"a": 1, "b": "z"}, {"a": 2, "b": "y"}])
+    H.write_json(tmp_path / "a" / "x.json", {"v": 1.5})
+    assert pd.read_csv(tmp_path / "a" / "x.csv").to_dict("records") == [{"a": 1, "b": "z"}, {"a": 2, "b": "y"}]
+    assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": 1.5}
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.csv", "x.json"]
+
+
+def test_summarise_mean_and_std_over_seeds():
+    rows = [dict(row("t", 0.0, seed=s), **{c: v for c in ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"]})
+            for s, v in ((1, 0.2), (2, 0.4))]
+    out = H.summarise(rows)
+    assert len(out) == 1 and out.iloc[0]["seeds"] == 2
+    assert out.iloc[0]["ndcg@10"] == "0.3000 ± 0.1414"  # sample std of (0.2, 0.4)
+
+
+def test_config_tag_ignores_outputs_and_seeds_but_not_hyperparameters():
+    cfg = H.resolve_config({}, "synthetic")
+    assert H.config_tag(cfg) == H.config_tag(dict(cfg, results_dir="elsewhere", seeds="1,2", stage="grid"))
+    assert H.config_tag(cfg) != H.config_tag(dict(cfg, d_model=8))
+    assert len(H.config_tag(cfg)) == 8
