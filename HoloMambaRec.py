@@ -129,7 +129,7 @@ PRESETS = {
     },
     # Chosen on validation NDCG@10 (seed 42) in the sweeps recorded in README; test never consulted.
     "best": {
-        "epochs": 400, "patience": 20,
+        "epochs": 200, "patience": 20,
         "ml-1m": {"max_len": 200, "train_window": "random", "batch_size": 256, "lr": 2e-3},
         "amazon-beauty": {"max_len": 50, "dropout": 0.5},
     },
@@ -1198,8 +1198,11 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-        if (stale >= cfg["patience"] or (cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"])
-                or (cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"])):
+        reason = ("patience" if stale >= cfg["patience"] else
+                  "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
+                  "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
+        history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
+        if reason:
             break
     model.load_state_dict(best_state)
     return history
@@ -1239,7 +1242,7 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, cfg["max_len"])), cfg, device).cpu()
              for split in ("valid", "test")}
     run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": config_tag(cfg),
-           "epochs": history[-1]["epoch"], "best_epoch": max(history, key=lambda h: h["valid_ndcg@10"])["epoch"],
+           "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": max(history, key=lambda h: h["valid_ndcg@10"])["epoch"],
            "train_seconds": round(seconds, 2), "scan_backend": cfg["scan_backend"] if "Mamba" in model_name else "",
            "metrics": {s: full_ranking_metrics(r) for s, r in ranks.items()}, "ranks": ranks,
            "history": history, "module": model, "cfg": cfg}
@@ -1247,7 +1250,7 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
         save_checkpoint(model, cfg, run)
         tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
                    + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run["metrics"].items())
-                   + f" ({seconds:.1f}s, best epoch {run['best_epoch']})")
+                   + f" ({seconds:.1f}s, best epoch {run['best_epoch']}, stopped by {run['stopped_by']})")
     _RUN_CACHE[key] = run
     return run
 
@@ -1266,7 +1269,7 @@ def metric_rows(run, **extra):
     """One results row per split of a run: dataset, model, seed, split, metrics, and provenance."""
     return [{"dataset": run["dataset"], "model": run["model"], "seed": run["seed"], "split": split,
              **{c: round(m[c], 6) for c in METRIC_COLUMNS}, **extra, "config": run["config"],
-             "epochs": run["epochs"], "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]}
+             "epochs": run["epochs"], "stopped_by": run["stopped_by"], "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]}
             for split, m in run["metrics"].items()]
 
 
