@@ -1055,12 +1055,19 @@ def target_ranks(model, inputs, targets, cfg, device):
     return torch.cat(ranks)
 
 
+def unwrap(model):
+    """The Recommender inside a DistributedDataParallel and/or torch.compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
     """Cross-entropy of the next item at every position that has a real input: full softmax over all items
     (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
     popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
     hidden = model(inputs)
-    table = model.output_embeddings()
+    table = unwrap(model).output_embeddings()
     if cfg["num_negatives"] == 0:
         labels = torch.where(inputs.gt(0), targets, 0) - 1  # -1: padding, ignored
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
