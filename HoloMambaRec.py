@@ -685,7 +685,7 @@ def selective_scan_reference(u, delta, A, B, C, D, state=None):
     return torch.stack(ys, dim=1) + u * D, h
 
 
-def _inclusive_scan(decay, x):
+def _doubling_scan(decay, x):
     """h_t = decay_t * h_{t-1} + x_t over dim 1 (h_{-1} = 0) in ceil(log2 l) vectorised doubling steps."""
     l, step = x.shape[1], 1
     while step < l:
@@ -693,6 +693,22 @@ def _inclusive_scan(decay, x):
         decay = torch.cat([decay[:, :step], decay[:, step:] * decay[:, :-step]], dim=1)
         step *= 2
     return x
+
+
+def _inclusive_scan(decay, x, chunk=64):
+    """The doubling scan inside chunks of `chunk` steps, the state carried from chunk to chunk: O(l log chunk)
+    work and small intermediates, where one doubling scan over a long l would copy the whole (b, l, d, n)
+    tensor log2(l) times. The loop runs over l / chunk chunks, not over time steps."""
+    if x.shape[1] <= chunk:
+        return _doubling_scan(decay, x)
+    outs, carry = [], None
+    for start in range(0, x.shape[1], chunk):
+        d, xs = decay[:, start:start + chunk], x[:, start:start + chunk]
+        if carry is not None:
+            xs = torch.cat([xs[:, :1] + d[:, :1] * carry.unsqueeze(1), xs[:, 1:]], dim=1)
+        outs.append(_doubling_scan(d, xs))
+        carry = outs[-1][:, -1]
+    return torch.cat(outs, dim=1)
 
 
 class LinearScan(torch.autograd.Function):
@@ -883,8 +899,15 @@ class HoloMamba(Recommender):
         return self.emb_norm(self.item_vectors(ids))
 
     def output_embeddings(self):
-        """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
-        return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
+        """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too.
+        Without gradients the table is cached until a parameter it depends on changes (tensor versions)."""
+        ids = torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device)
+        if torch.is_grad_enabled():
+            return self.item_vectors(ids)
+        key = tuple((p.data_ptr(), p._version) for p in (self.item_emb.weight, self.attr_emb.weight, self.alpha))
+        if getattr(self, "_table_key", None) != key:
+            self._table, self._table_key = self.item_vectors(ids), key
+        return self._table
 
     def encode(self, x, mask):
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):

@@ -103,3 +103,18 @@ def test_pick_scan_backend_on_cpu():
     assert H.pick_scan_backend("reference", cpu) == "reference"
     with pytest.raises(H.ConfigError, match="scan_backend=cuda"):
         H.pick_scan_backend("cuda", cpu)
+
+
+@pytest.mark.parametrize("length,chunk", [(130, 64), (300, 64), (257, 32)])
+def test_chunked_scan_carries_state_across_chunks(length, chunk):
+    """Lengths beyond one chunk: the chunked scan equals the plain doubling scan and a step-by-step loop."""
+    g = torch.Generator().manual_seed(length)
+    decay = torch.rand(2, length, 3, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, length, 3, 4, generator=g, dtype=torch.float64)
+    h, loop = torch.zeros(2, 3, 4, dtype=torch.float64), []
+    for t in range(length):
+        h = decay[:, t] * h + x[:, t]
+        loop.append(h)
+    expected = torch.stack(loop, dim=1)
+    torch.testing.assert_close(H._inclusive_scan(decay, x, chunk=chunk), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(H._doubling_scan(decay, x), expected, rtol=1e-10, atol=1e-10)
