@@ -899,15 +899,8 @@ class HoloMamba(Recommender):
         return self.emb_norm(self.item_vectors(ids))
 
     def output_embeddings(self):
-        """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too.
-        Without gradients the table is cached until a parameter it depends on changes (tensor versions)."""
-        ids = torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device)
-        if torch.is_grad_enabled():
-            return self.item_vectors(ids)
-        key = tuple((p.data_ptr(), p._version) for p in (self.item_emb.weight, self.attr_emb.weight, self.alpha))
-        if getattr(self, "_table_key", None) != key:
-            self._table, self._table_key = self.item_vectors(ids), key
-        return self._table
+        """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
+        return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
 
     def encode(self, x, mask):
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
@@ -923,16 +916,18 @@ class HoloMamba(Recommender):
     def init_state(self, batch):
         return [m.init_state(batch, self.item_emb.weight.device) for m in self.mixers]
 
-    def step(self, state, item):
+    def step(self, state, item, table=None):
         """Streaming inference: fold one new item (b,) into the per-user state; returns (scores (b, n_items),
-        new state). The attribute comes from the item table, as in the full forward."""
+        new state). The attribute comes from the item table, as in the full forward. `table` is
+        output_embeddings()[1:], which a server computes once rather than at every step."""
         x, new_state = self.embed(item), []
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
             out, s = mixer.step(norm(x), state[i])
             x, new_state = x + out, new_state + [s]
             if self.ffns:
                 x = x + self.ffns[i](self.ffn_norms[i](x))
-        return exact_scores(self.final_norm(x), self.output_embeddings()[1:]), new_state
+        table = self.output_embeddings()[1:] if table is None else table
+        return exact_scores(self.final_norm(x), table), new_state
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -1005,9 +1000,11 @@ class GRU4Rec(Recommender):
     def init_state(self, batch):
         return torch.zeros(self.gru.num_layers, batch, self.gru.hidden_size, device=self.item_emb.weight.device)
 
-    def step(self, state, item):
+    def step(self, state, item, table=None):
+        """Streaming inference: one GRU step per new item; returns (scores (b, n_items), new state)."""
         out, state = self.gru(self.item_emb(item).unsqueeze(1), state)
-        return exact_scores(self.final_norm(out[:, 0]), self.item_emb.weight[1:]), state
+        table = self.item_emb.weight[1:] if table is None else table
+        return exact_scores(self.final_norm(out[:, 0]), table), state
 
 
 def build_model(name, cfg, data):
@@ -1645,11 +1642,11 @@ def streaming_step_ms(model, history, device, steps=20):
     for models with a state, a forward over the whole window otherwise."""
     if not hasattr(model, "step"):
         return 1000 * timed(lambda: model.score_next(history), device, repeats=steps)
-    state = model.init_state(1)
+    state, table = model.init_state(1), model.output_embeddings()[1:]
     for t in range(history.shape[1]):  # prefill the state item by item
-        _, state = model.step(state, history[:, t])
+        _, state = model.step(state, history[:, t], table)
     item = history[:, -1]
-    return 1000 * timed(lambda: model.step(state, item), device, repeats=steps)
+    return 1000 * timed(lambda: model.step(state, item, table), device, repeats=steps)
 
 
 def measure_catalog(cfg, n_items, device):
