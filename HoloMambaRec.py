@@ -1275,6 +1275,9 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
            "history": history, "module": model, "cfg": cfg}
     if is_main_process():
         save_checkpoint(model, cfg, run)
+        write_json(Path(cfg["results_dir"]) / "runs" / f"{run_name(run)}.json",
+                   {k: run[k] for k in ("dataset", "model", "seed", "config", "epochs", "stopped_by", "best_epoch",
+                                        "train_seconds", "scan_backend", "metrics", "history", "cfg")})
         tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
                    + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run["metrics"].items())
                    + f" ({seconds:.1f}s, best epoch {run['best_epoch']}, stopped by {run['stopped_by']})")
@@ -1282,9 +1285,13 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     return run
 
 
+def run_name(run):
+    return safe_name(f"{run['dataset']}_{run['model']}_seed{run['seed']}_{run['config']}")
+
+
 def save_checkpoint(model, cfg, run):
     """Best weights with the config and metrics that describe them (load with weights_only=True)."""
-    path = Path(cfg["checkpoint_dir"]) / f"{cfg['dataset'].replace('/', '_').replace(':', '_')}_{run['model']}_seed{run['seed']}_{run['config']}.pt"
+    path = Path(cfg["checkpoint_dir"]) / f"{run_name(run)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": model.state_dict(), "config": cfg, "metrics": run["metrics"], "epoch": run["best_epoch"]}
     tmp = path.with_suffix(".tmp")
