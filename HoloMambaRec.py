@@ -104,7 +104,8 @@ GLOBAL_CONFIG = {
     "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
     "grid_csv": "grid_search_results.csv",  # grid-search log: one row per finished trial, appended as it finishes
     "grid_max_trials": 0,  # run at most this many grid trials (0 = all)
-    "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k
+    "bundle_k": 1,  # temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)
+    "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k, untrained and trained
     "compression_len": 200,  # compression stage: history length fed to the bundled model
     "cold_user_fraction": 0.2,  # cold-start slice: the users with the shortest training histories (this fraction)
     "cold_item_max_count": 10,  # cold-item slice: test targets seen at most this many times in training
@@ -138,7 +139,7 @@ PRESETS = {
         "n_layers": 1, "epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 3, "dropout": 0.1,
         "results_dir": "results/quick", "figures_dir": "figures/quick", "checkpoint_dir": "checkpoints/quick",
         "grid_csv": "results/quick/grid_search_results.csv", "grid_max_trials": 2,
-        "compression_len": 32, "efficiency_lengths": "32,128", "efficiency_batch": 16,
+        "compression_len": 32, "bundle_windows": "1,2,4", "efficiency_lengths": "32,128", "efficiency_batch": 16,
         "efficiency_catalogs": "1000,10000",
     },
 }
@@ -241,7 +242,7 @@ def validate_config(cfg):
         if not ok:
             raise ConfigError(f"--{key}={cfg[key]}: {what}")
 
-    for key in ("d_model", "n_layers", "d_state", "d_conv", "expand", "epochs", "batch_size", "n_heads",
+    for key in ("bundle_k", "d_model", "n_layers", "d_state", "d_conv", "expand", "epochs", "batch_size", "n_heads",
                 "eval_every", "eval_batch_size", "max_attributes", "efficiency_batch"):
         need(cfg[key] > 0, key, "must be > 0")
     for key in ("min_user_count", "min_item_count", "num_negatives", "patience", "grid_max_trials",
@@ -724,9 +725,10 @@ class LinearScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         decay, h = ctx.saved_tensors
-        # g_t = grad_h_t + decay_{t+1} g_{t+1}: the same scan run backwards in time.
+        # g_t = grad_h_t + decay_{t+1} g_{t+1}: the same scan run backwards in time. (grad_h arrives with
+        # the einsum's strides; scanning a contiguous copy is several times faster on the CPU.)
         next_decay = torch.cat([decay[:, 1:], torch.zeros_like(decay[:, :1])], dim=1)
-        g = _inclusive_scan(next_decay.flip(1), grad_h.flip(1)).flip(1)
+        g = _inclusive_scan(next_decay.flip(1).contiguous(), grad_h.flip(1).contiguous()).flip(1)
         h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
         return g * h_prev, g
 
@@ -869,7 +871,7 @@ class HoloMamba(Recommender):
 
     def __init__(self, cfg, n_items, item_attributes, n_attributes, use_binding=True):
         super().__init__()
-        d, self.use_binding = cfg["d_model"], use_binding
+        d, self.use_binding, self.bundle_k = cfg["d_model"], use_binding, cfg["bundle_k"]
         self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
         self.attr_emb = small_init(nn.Embedding(n_attributes + 1, d, padding_idx=0))
         self.register_buffer("item_attributes", item_attributes, persistent=False)
@@ -909,9 +911,27 @@ class HoloMamba(Recommender):
                 x = x + self.dropout(self.ffns[i](self.ffn_norms[i](x)))
         return self.final_norm(x)
 
-    def forward(self, seq):
+    def forward(self, seq, k=None):
+        """Hidden states, one per position; with temporal bundling (k > 1, default self.bundle_k) one per
+        window of k items, windows aligned to the end of the sequence."""
+        k = self.bundle_k if k is None else k
+        if k > 1:
+            return self.bundled(seq, k)
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         return self.encode(self.dropout(self.embed(seq)) * mask, mask)
+
+    def bundled(self, seq, k):
+        """Temporal bundling: each window of k consecutive item embeddings becomes one token,
+        sum_j role_j ⊛ e_j, with role_j the unit impulse at j (binding with it is a cyclic shift, so every
+        position stays recoverable by unbinding). The encoder then reads l / k tokens. A model trained with
+        bundle_k = k learned this input; any other model meets it untrained, at inference only."""
+        b, l = seq.shape
+        seq = F.pad(seq, ((-l) % k, 0))
+        e = self.embed(seq) * seq.gt(0).unsqueeze(-1)
+        windows = e.view(b, -1, k, e.shape[-1])
+        tokens = bundle(torch.stack([torch.roll(windows[:, :, j], shifts=j, dims=-1) for j in range(k)], dim=2))
+        mask = seq.view(b, -1, k).gt(0).any(-1, keepdim=True).to(e.dtype)
+        return self.encode(self.dropout(tokens) * mask, mask)
 
     def init_state(self, batch):
         return [m.init_state(batch, self.item_emb.weight.device) for m in self.mixers]
@@ -920,6 +940,8 @@ class HoloMamba(Recommender):
         """Streaming inference: fold one new item (b,) into the per-user state; returns (scores (b, n_items),
         new state). The attribute comes from the item table, as in the full forward. `table` is
         output_embeddings()[1:], which a server computes once rather than at every step."""
+        if self.bundle_k > 1:
+            raise ValueError("streaming steps are per item; this model was trained with bundle_k > 1")
         x, new_state = self.embed(item), []
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
             out, s = mixer.step(norm(x), state[i])
@@ -1087,7 +1109,9 @@ def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
     (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
     popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
     hidden = model(inputs)
-    table = unwrap(model).output_embeddings()
+    table, k = unwrap(model).output_embeddings(), getattr(unwrap(model), "bundle_k", 1)
+    if k > 1:  # one state per window of k items: its target is the item after the window's last item
+        inputs, targets = (F.pad(t, ((-t.shape[1]) % k, 0))[:, k - 1::k] for t in (inputs, targets))
     if cfg["num_negatives"] == 0:
         labels = torch.where(inputs.gt(0), targets, 0) - 1  # -1: padding, ignored
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
@@ -1409,7 +1433,7 @@ def benchmark_stage(overrides):
     summary = summarise(table.to_dict("records"))
     text = (f"# Benchmark (preset `{cfg['preset']}`, mean ± std over seeds)\n\n"
             + markdown_table(summary, ["dataset", "model", "split", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "seeds"]))
-    (Path(cfg["results_dir"]) / "benchmark.md").write_text(text)
+    (Path(cfg["results_dir"]) / f"benchmark_{cfg['preset']}.md").write_text(text)
     print(text)
     return runs
 
@@ -1467,19 +1491,6 @@ def grid_stage(overrides):
     return best
 
 
-def bundled_forward(model, seq, k):
-    """Temporal bundling at inference: each window of k consecutive item embeddings (aligned to the end of
-    the sequence) is compressed into one token, sum_j role_j ⊛ e_j, with role_j the unit impulse at j
-    (so binding is a cyclic shift and k = 1 is the plain model). The encoder then reads l / k tokens."""
-    b, l = seq.shape
-    seq = F.pad(seq, ((-l) % k, 0))
-    e = model.embed(seq) * seq.gt(0).unsqueeze(-1)
-    windows = e.view(b, -1, k, e.shape[-1])
-    tokens = sum(torch.roll(windows[:, :, j], shifts=j, dims=-1) for j in range(k))
-    mask = seq.view(b, -1, k).gt(0).any(-1, keepdim=True).to(e.dtype)
-    return model.encode(tokens * mask, mask)
-
-
 class PeakMemory:
     """Peak memory of a block: GPU max_memory_allocated, or the process's peak RSS (VmHWM, reset first)."""
 
@@ -1521,35 +1532,20 @@ def timed(fn, device, repeats=5, warmup=1):
 
 
 def compression_stage(overrides):
-    """Accuracy / latency / memory of temporal bundling windows k on long histories (untrained bundling,
-    as in the paper), and the cold-start slices (short-history users, rarely seen target items) of every
+    """Accuracy / latency / memory of temporal bundling windows k on long histories, untrained (the model
+    trained without bundling meets bundled input at inference, as in the paper) and trained (bundle_k = k
+    in training), plus the cold-start slices (short-history users, rarely seen target items) of every
     benchmark model. Writes results/compression.csv and results/cold_start.csv."""
     rows, cold = [], []
     for dataset in datasets_of(overrides):
         cfg = resolve_config(overrides, dataset)
-        seed = seeds_of(cfg)[0]
-        run = train_and_evaluate(cfg, "HoloMamba", seed)
-        model, device, data = run["module"], pick_device(cfg["device"]), load_dataset(cfg)
-        inputs, targets = (t.to(device) for t in data.split("test", cfg["compression_len"]))
-        model.eval()
+        seed, device, data = seeds_of(cfg)[0], pick_device(cfg["device"]), load_dataset(cfg)
+        plain = train_and_evaluate(dict(cfg, bundle_k=1), "HoloMamba", seed)["module"]
         for k in as_list(cfg["bundle_windows"], int):
-            def score_all():
-                out = []
-                with torch.no_grad(), autocast(cfg, device):
-                    table = model.output_embeddings()[1:]
-                    for i in range(0, len(inputs), cfg["eval_batch_size"]):
-                        hidden = bundled_forward(model, inputs[i:i + cfg["eval_batch_size"]], k)[:, -1]
-                        out.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + cfg["eval_batch_size"]]))
-                return torch.cat(out)
-            with PeakMemory(device) as peak:
-                ranks = score_all()
-            seconds = timed(score_all, device, repeats=3)
-            metrics = full_ranking_metrics(ranks.cpu())
-            rows.append({"dataset": dataset, "model": "HoloMamba", "k": k, "history_len": cfg["compression_len"],
-                         "tokens_per_user": math.ceil(cfg["compression_len"] / k), "hr@10": metrics["hr@10"],
-                         "ndcg@10": metrics["ndcg@10"], "mrr": metrics["mrr"], "latency_ms": 1000 * seconds,
-                         "tokens_per_s": len(inputs) * cfg["compression_len"] / seconds, "peak_mem_mb": peak.mb,
-                         "device": str(device)})
+            rows.append(bundling_row(plain, cfg, data, k, "untrained" if k > 1 else "none", device))
+            if k > 1:
+                trained = train_and_evaluate(dict(cfg, bundle_k=k), "HoloMamba", seed)["module"]
+                rows.append(bundling_row(trained, cfg, data, k, "trained", device))
         cold += cold_start_rows(cfg, data, [train_and_evaluate(cfg, m, seed) for m in as_list(cfg["models"])])
     cfg = resolve_config(overrides)
     write_csv(Path(cfg["results_dir"]) / "compression.csv", rows)
@@ -1557,6 +1553,32 @@ def compression_stage(overrides):
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame(cold).to_string(index=False))
     return rows, cold
+
+
+def bundling_row(model, cfg, data, k, training, device):
+    """Test accuracy, latency of ranking every user, tokens/s and peak memory of `model` reading the last
+    compression_len items bundled by k."""
+    inputs, targets = (t.to(device) for t in data.split("test", cfg["compression_len"]))
+    batch = cfg["eval_batch_size"]
+    model.eval()
+
+    def rank_all():
+        out = []
+        with torch.no_grad(), autocast(cfg, device):
+            table = model.output_embeddings()[1:]
+            for i in range(0, len(inputs), batch):
+                hidden = model(inputs[i:i + batch], k)[:, -1]
+                out.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + batch]))
+        return torch.cat(out)
+
+    with PeakMemory(device) as peak:
+        metrics = full_ranking_metrics(rank_all().cpu())
+    seconds = timed(rank_all, device, repeats=3)
+    return {"dataset": data.name, "model": "HoloMamba", "k": k, "bundling": training,
+            "history_len": cfg["compression_len"], "tokens_per_user": math.ceil(cfg["compression_len"] / k),
+            "hr@10": metrics["hr@10"], "ndcg@10": metrics["ndcg@10"], "mrr": metrics["mrr"],
+            "latency_ms": 1000 * seconds, "tokens_per_s": len(inputs) * cfg["compression_len"] / seconds,
+            "peak_mem_mb": peak.mb, "device": str(device)}
 
 
 def cold_start_rows(cfg, data, runs):
@@ -1729,9 +1751,13 @@ def plot_figures(cfg):
     if (results / "compression.csv").is_file():
         comp = pd.read_csv(results / "compression.csv")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for dataset, part in comp.groupby("dataset"):
-            axes[0].plot(part["k"], part["ndcg@10"], "o-", label=dataset)
-            axes[1].plot(part["k"], part["latency_ms"], "o-", label=dataset)
+        for (dataset, training), part in comp.groupby(["dataset", "bundling"]):
+            if training == "none":
+                continue
+            base = comp[(comp["dataset"] == dataset) & (comp["bundling"] == "none")]
+            part = pd.concat([base, part]).sort_values("k")
+            axes[0].plot(part["k"], part["ndcg@10"], "o-", label=f"{dataset}, {training}")
+            axes[1].plot(part["k"], part["latency_ms"], "o-", label=f"{dataset}, {training}")
         axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", xscale="log", title="Accuracy")
         axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", xscale="log", title="Latency")
         axes[0].legend()

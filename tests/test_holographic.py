@@ -91,7 +91,7 @@ def test_approximate_unbind_is_exact_for_unitary_keys():
 
 
 def test_binding_with_unit_impulse_is_cyclic_shift():
-    # bundled_forward relies on role_j = e_j, so that role_j ⊛ e = roll(e, j)
+    # HoloMamba.bundled relies on role_j = e_j, so that role_j ⊛ e = roll(e, j)
     g = torch.Generator().manual_seed(6)
     e = torch.randn(3, 16, generator=g, dtype=torch.float64)
     for j in range(4):

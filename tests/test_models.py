@@ -182,10 +182,10 @@ def test_bundled_forward_with_window_one_is_the_plain_forward():
     seq = random_items((3, 8), seed=10)
     seq[0, :3] = 0
     with torch.no_grad():
-        torch.testing.assert_close(H.bundled_forward(model, seq, 1), model(seq), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.bundled(seq, 1), model(seq), rtol=1e-6, atol=1e-6)
         # k = 4 reads ceil(l / k) tokens
-        assert H.bundled_forward(model, seq, 4).shape == (3, 2, 16)
-        assert H.bundled_forward(model, seq[:, 1:], 4).shape == (3, 2, 16)
+        assert model(seq, 4).shape == (3, 2, 16)
+        assert model(seq[:, 1:], 4).shape == (3, 2, 16)
 
 
 def test_sasrec_attention_never_sees_later_items():
@@ -195,3 +195,24 @@ def test_sasrec_attention_never_sees_later_items():
     changed[:, 5:] = random_items((2, 3), seed=13)
     with torch.no_grad():
         torch.testing.assert_close(model(changed)[:, :5], model(seq)[:, :5], rtol=0, atol=1e-5)
+
+
+def test_bundled_training_loss_has_one_target_per_window():
+    """With bundle_k = k the encoder emits one state per window of k items (end-aligned) and the loss asks
+    each state for the item that follows its window's last item."""
+    cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "max_len": 7, "dropout": 0.0, "bundle_k": 2,
+                            "scan_backend": "parallel"}, "synthetic")
+    torch.manual_seed(0)
+    model = H.build_model("HoloMamba", cfg, H.catalog_only(30)).eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]])
+    inputs, targets = seq[:, :-1], seq[:, 1:]  # length 7 -> padded to 8 -> 4 windows
+    hidden = model(inputs)
+    assert hidden.shape == (2, 4, 16)
+    # windows (padded left by 1): [pad, x0], [x1, x2], [x3, x4], [x5, x6] -> targets at positions 0, 2, 4, 6
+    labels = targets[:, [0, 2, 4, 6]]
+    valid = inputs[:, [0, 2, 4, 6]] > 0
+    logits = hidden @ model.output_embeddings()[1:].T
+    expected = torch.nn.functional.cross_entropy(logits[valid], labels[valid] - 1)
+    torch.testing.assert_close(H.next_item_loss(model, inputs, targets, cfg), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bundle_k"):
+        model.step(model.init_state(1), torch.tensor([3]))

@@ -105,7 +105,8 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
     holo_a = ablation[(ablation["model"] == "HoloMamba") & (ablation["split"] == "test")].iloc[0]
     assert holo_a["config"] == holo_b["config"] and holo_a["ndcg@10"] == holo_b["ndcg@10"]
     compression = rows("compression.csv")
-    assert compression["k"].tolist() == [1, 2] and compression["tokens_per_user"].tolist() == [16, 8]
+    assert compression["k"].tolist() == [1, 2, 2] and compression["tokens_per_user"].tolist() == [16, 8, 8]
+    assert compression["bundling"].tolist() == ["none", "untrained", "trained"]
     efficiency = rows("efficiency.csv")
     assert len(efficiency) == 3 and set(efficiency["model"]) == {"HoloMamba", "SASRec", "GRU4Rec"}
     assert (efficiency["max_len"] == 16).all()
@@ -129,8 +130,9 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # checkpoints: benchmark (3) + Mamba-ItemOnly (1) + two grid trials (d_model 64, new config tags)
+    # + the compression stage's model trained with bundle_k = 2
     checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
-    assert len(checkpoints) == 6
+    assert len(checkpoints) == 7
     for path in checkpoints:
         payload = torch.load(path, weights_only=True)
         assert "config" in payload and payload["config"]["dataset"] == "synthetic"
