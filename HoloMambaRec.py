@@ -1758,8 +1758,10 @@ def plot_figures(cfg):
             part = pd.concat([base, part]).sort_values("k")
             axes[0].plot(part["k"], part["ndcg@10"], "o-", label=f"{dataset}, {training}")
             axes[1].plot(part["k"], part["latency_ms"], "o-", label=f"{dataset}, {training}")
-        axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", xscale="log", title="Accuracy")
-        axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", xscale="log", title="Latency")
+        axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", title="Accuracy")
+        axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", title="Latency")
+        for ax in axes:
+            ax.set_xticks(sorted(comp["k"].unique()))
         axes[0].legend()
         save(fig, "compression.png")
     if (results / "efficiency.csv").is_file():
