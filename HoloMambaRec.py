@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -43,14 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-try:  # fused CUDA selective scan (GPU only); the PyTorch scans below are used otherwise
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
-except Exception:  # ImportError, or a wheel built for another torch/CUDA
-    _mamba_selective_scan_fn = None
-try:
-    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
-except Exception:
-    _causal_conv1d_fn = None
 
 # =====================================================================================================
 # Configuration
@@ -746,11 +739,25 @@ def selective_scan_parallel(u, delta, A, B, C, D, state=None):
     return y.to(dtype), h[:, -1]
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_kernels():
+    """(mamba-ssm's selective_scan_fn, causal-conv1d's causal_conv1d_fn), imported on first use on a CUDA
+    device; None for a package that is missing or was built for another torch / CUDA."""
+    kernels = []
+    for module, name in (("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+                         ("causal_conv1d", "causal_conv1d_fn")):
+        try:
+            kernels.append(getattr(__import__(module, fromlist=[name]), name))
+        except Exception:
+            kernels.append(None)
+    return tuple(kernels)
+
+
 def selective_scan_cuda(u, delta, A, B, C, D, state=None):
     if state is not None:
         raise ValueError("the cuda scan starts from a zero state")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (b, l, x) -> (b, x, l)
-    y, last = _mamba_selective_scan_fn(tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
+    y, last = cuda_kernels()[0](tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
                                        D.float(), return_last_state=True)
     return y.transpose(1, 2), last
 
@@ -762,8 +769,8 @@ SCAN_BACKENDS = {"reference": selective_scan_reference, "parallel": selective_sc
 def pick_scan_backend(name, device):
     """auto: the mamba-ssm kernel on CUDA when importable, else the PyTorch parallel scan."""
     if name == "auto":
-        name = "cuda" if device.type == "cuda" and _mamba_selective_scan_fn is not None else "parallel"
-    if name == "cuda" and (_mamba_selective_scan_fn is None or device.type != "cuda"):
+        name = "cuda" if device.type == "cuda" and cuda_kernels()[0] is not None else "parallel"
+    if name == "cuda" and (device.type != "cuda" or cuda_kernels()[0] is None):
         raise ConfigError("--scan_backend=cuda needs a CUDA device and the mamba-ssm package "
                           "(pip install mamba-ssm); use --scan_backend=parallel")
     return name
@@ -799,8 +806,8 @@ class MambaBlock(nn.Module):
         if mask is not None:
             hidden = hidden * mask
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        if _causal_conv1d_fn is not None and x.is_cuda:
-            x = _causal_conv1d_fn(x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
+        if x.is_cuda and cuda_kernels()[1] is not None:
+            x = cuda_kernels()[1](x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
             x = x.transpose(1, 2)
         else:
             x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
@@ -1826,9 +1833,10 @@ def main(argv=None):
         stages = as_list(cfg["stage"])
         if stages == ["all"]:
             stages = list(PAPER_SEQUENCE) + (["efficiency"] if cfg["preset"] == "quick" else [])
+        device = pick_device(cfg["device"])
         if is_main_process():
             print(f"HoloMambaRec | stages: {', '.join(stages)} | preset: {cfg['preset']} | datasets: {cfg['dataset']}"
-                  f" | device: {pick_device(cfg['device'])} | mamba-ssm kernel: {_mamba_selective_scan_fn is not None}",
+                  f" | device: {device} | mamba-ssm kernel: {device.type == 'cuda' and cuda_kernels()[0] is not None}",
                   file=sys.stderr)
         for stage in stages:
             STAGE_FUNCTIONS[stage](overrides)

@@ -5,7 +5,7 @@ import torch
 
 import HoloMambaRec as H
 
-needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or H._mamba_selective_scan_fn is None,
+needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernels()[0] is None,
                                   reason="needs CUDA and mamba-ssm")
 
 
@@ -68,3 +68,20 @@ def test_cuda_graph_training_matches_eager(name):
         assert step.use_graph == graphs
         losses[graphs] = torch.stack([step(x, y) for x, y in batches]).cpu()
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replayed_training_is_seen_by_evaluation():
+    """Replays update the weights in place without touching tensor versions: evaluation after each epoch must
+    still see the new weights (a version-keyed cache once froze validation at epoch 1)."""
+    cfg = H.resolve_config({"d_model": 32, "n_layers": 1, "max_len": 20, "epochs": 4, "patience": 10}, "synthetic")
+    cfg = dict(cfg, scan_backend=H.pick_scan_backend("auto", torch.device("cuda")))
+    data = H.load_dataset(cfg)
+    torch.manual_seed(0)
+    model = H.build_model("HoloMamba", cfg, data).cuda()
+    history = H.fit(model, data, cfg, torch.device("cuda"))
+    scores = [h["valid_ndcg@10"] for h in history]
+    assert len(set(scores)) == len(scores)  # every epoch's evaluation differs
+    valid = [t.cuda() for t in data.split("valid", cfg["max_len"])]
+    final = H.full_ranking_metrics(H.target_ranks(model, *valid, cfg, torch.device("cuda")))
+    assert final["ndcg@10"] == pytest.approx(max(scores), abs=1e-6)  # the best weights were restored
