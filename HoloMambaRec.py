@@ -1286,11 +1286,11 @@ def config_tag(cfg):
 def train_and_evaluate(cfg, model_name, seed, distributed=True):
     """One run: train on cfg['dataset'] with early stopping on validation, then evaluate valid and test once
     with the best weights. Memoised per process, so stages that need the same run share it."""
+    device = pick_device(cfg["device"])
+    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
     key = (cfg["dataset"], model_name, seed, config_tag(cfg))
     if key in _RUN_CACHE:
         return _RUN_CACHE[key]
-    device = pick_device(cfg["device"])
-    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
     data = load_dataset(cfg)
     set_seed(seed)
     model = build_model(model_name, cfg, data).to(device)
@@ -1299,8 +1299,9 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     seconds = time.perf_counter() - start
     ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, cfg["max_len"])), cfg, device).cpu()
              for split in ("valid", "test")}
-    run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": config_tag(cfg),
-           "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": max(history, key=lambda h: h["valid_ndcg@10"])["epoch"],
+    best = max(history, key=lambda h: h["valid_ndcg@10"])
+    run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": key[-1],
+           "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": best["epoch"],
            "train_seconds": round(seconds, 2), "scan_backend": cfg["scan_backend"] if "Mamba" in model_name else "",
            "metrics": {s: full_ranking_metrics(r) for s, r in ranks.items()}, "ranks": ranks,
            "history": history, "module": model, "cfg": cfg}
