@@ -97,6 +97,11 @@ GLOBAL_CONFIG = {
     "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
     "grid_csv": "grid_search_results.csv",  # grid-search log: one row per finished trial, appended as it finishes
     "grid_max_trials": 0,  # run at most this many grid trials (0 = all)
+    "memory_slots": 0,  # HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)
+    "memory_len": 0,  # items older than the max_len window that the memory folds in, in training and evaluation
+    "memory_binding": "fft",  # memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)
+    "memory_loss": 0.1,  # weight of the memory's reconstruction loss (read back what was written)
+    "long_history": 200,  # memory stage: the long-history slice holds users with more training items than this
     "bundle_k": 1,  # temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)
     "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k, untrained and trained
     "compression_len": 200,  # compression stage: history length fed to the bundled model
@@ -145,7 +150,7 @@ GRID = {
     "attribute_mode": ["first", "all"],
 }
 
-STAGES = ("benchmark", "ablation", "grid", "compression", "efficiency", "stats")
+STAGES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
 MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
@@ -238,7 +243,7 @@ def validate_config(cfg):
     for key in ("bundle_k", "d_model", "n_layers", "d_state", "d_conv", "expand", "epochs", "batch_size", "n_heads",
                 "eval_every", "eval_batch_size", "max_attributes", "efficiency_batch"):
         need(cfg[key] > 0, key, "must be > 0")
-    for key in ("min_user_count", "min_item_count", "num_negatives", "patience", "grid_max_trials",
+    for key in ("memory_slots", "memory_len", "memory_loss", "long_history", "min_user_count", "min_item_count", "num_negatives", "patience", "grid_max_trials",
                 "warmup_epochs", "cold_item_max_count"):
         need(cfg[key] >= 0, key, "must be >= 0")
     need(cfg["max_len"] >= 2, "max_len", "must be >= 2")
@@ -251,6 +256,8 @@ def validate_config(cfg):
     need(0 <= cfg["label_smoothing"] < 1, "label_smoothing", "must be in [0, 1)")
     need(cfg["d_model"] % cfg["n_heads"] == 0, "n_heads", "must divide d_model")
     need(cfg["train_window"] in ("last", "random"), "train_window", "choose last or random")
+    need(cfg["memory_binding"] in ("fft", "bipolar"), "memory_binding", "choose fft or bipolar")
+    need(not (cfg["memory_slots"] and cfg["bundle_k"] > 1), "memory_slots", "cannot be combined with bundle_k > 1")
     need(cfg["time_limit"] >= 0, "time_limit", "must be >= 0")
     need(0 <= cfg["stop_at_ndcg"] <= 1, "stop_at_ndcg", "must be in [0, 1]")
     need(cfg["attribute_mode"] in ("first", "all", "modulo"), "attribute_mode", "choose first, all or modulo")
@@ -871,6 +878,78 @@ class Recommender(nn.Module):
         return exact_scores(self(seq)[:, -1], self.output_embeddings()[1:])
 
 
+def rms_normalise(x, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class HolographicMemory(nn.Module):
+    """Multi-slot holographic associative memory (after the Holographic Associative Memory Transformer).
+    Each of S slots of width d holds a superposition of key ⊛ value pairs. Writing an item x: the slot
+    decays passively (λ_s = sigmoid of a learned logit) and adds gate_s(x) · key_s(x) ⊛ value(x); with
+    bipolar keys the binding is an elementwise product with ±1. Reading with a query q: RMS-normalise each
+    slot, unbind it with a key from the learned retrieval head, mix the slots with learned softmax weights.
+    Normalising at read time keeps writing a linear recurrence: a scan over a sequence, O(S·d) per step."""
+
+    def __init__(self, d, slots=8, binding="fft"):
+        super().__init__()
+        self.slots, self.binding = slots, binding
+        self.write_key = nn.Linear(d, slots * d, bias=False)
+        self.read_key = nn.Linear(d, slots * d, bias=False)
+        self.value = nn.Linear(d, d)
+        self.gate = nn.Linear(d, slots)
+        self.slot_weights = nn.Linear(d, slots)
+        self.decay_logit = nn.Parameter(torch.full((slots,), 3.0))  # λ ≈ 0.95 at the start
+
+    def keys(self, head, x):
+        """(..., S, d) keys: unit-modulus spectra (binding is then an exact rotation, undone by the
+        involution) or ±1 vectors (with a straight-through gradient)."""
+        k = head(x).unflatten(-1, (self.slots, -1))
+        if self.binding == "bipolar":
+            return k + (torch.sign(k) - k).detach()
+        spectrum = torch.fft.rfft(k.float())
+        return torch.fft.irfft(spectrum / (spectrum.abs() + 1e-6), n=k.shape[-1]).to(k.dtype)
+
+    def bind_pair(self, key, value):
+        return key * value if self.binding == "bipolar" else bind(key, value)
+
+    def unbind_pair(self, trace, key):
+        return trace * key if self.binding == "bipolar" else unbind(trace, key, exact=False)
+
+    def writes(self, x):
+        """What x adds to each slot, with the keys and value it used: (..., S, d), (..., S, d), (..., d)."""
+        key, value = self.keys(self.write_key, x), self.value(x)
+        gate = torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        return gate * self.bind_pair(key, value.unsqueeze(-2)), key, value
+
+    def decay(self):
+        return torch.sigmoid(self.decay_logit).unsqueeze(-1)  # (S, 1)
+
+    def write_sequence(self, x, mask):
+        """Memory after every position of x (b, l, d): M_t = λ M_{t-1} + write(x_t), padding neither writing
+        nor decaying. Returns (M (b, l, S, d), keys, values)."""
+        add, key, value = self.writes(x)
+        real = mask[..., None, None]  # (b, l, 1, 1)
+        work = torch.promote_types(add.dtype, torch.float32)  # the scan in fp32 at least
+        decay = torch.where(real > 0, self.decay().to(work), torch.ones((), dtype=work, device=add.device))
+        return LinearScan.apply(decay.expand(add.shape).contiguous(), (add * real).to(work)), key, value
+
+    def write(self, memory, x):
+        """One streaming write: memory (b, S, d), x (b, d)."""
+        return self.decay() * memory + self.writes(x)[0]
+
+    def read(self, memory, query):
+        """Retrieve with query (..., d) from memory (..., S, d)."""
+        retrieved = self.unbind_pair(rms_normalise(memory), self.keys(self.read_key, query))
+        weights = torch.softmax(self.slot_weights(query), dim=-1).unsqueeze(-1)
+        return (weights * retrieved).sum(-2)
+
+    def reconstruction_loss(self, memory, key, value, mask):
+        """Mean 1 - cos(read back with the write keys, value written) over real positions."""
+        recalled = self.unbind_pair(rms_normalise(memory), key).mean(-2)
+        miss = 1 - F.cosine_similarity(recalled.float(), value.float(), dim=-1)
+        return (miss * mask).sum() / mask.sum().clamp(min=1)
+
+
 class HoloMamba(Recommender):
     """Items bound to their attributes (e = item + α · item ⊛ attribute, normalised), then Mamba blocks
     with pre-norm residuals (and an optional feed-forward sublayer). use_binding=False is the item-only
@@ -892,6 +971,9 @@ class HoloMamba(Recommender):
         self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
         self.ffn_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_ffn))
         self.final_norm = nn.LayerNorm(d)
+        self.max_len, self.aux_loss = cfg["max_len"], None
+        self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"]) if cfg["memory_slots"] else None
+        self.memory_gate = nn.Linear(d, d) if self.memory else None
 
     def item_vectors(self, ids):
         """Holographic item vector item + α · item ⊛ attribute. With several attributes, binding distributes
@@ -924,8 +1006,23 @@ class HoloMamba(Recommender):
         k = self.bundle_k if k is None else k
         if k > 1:
             return self.bundled(seq, k)
+        if self.memory is not None:
+            return self.with_memory(seq)
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         return self.encode(self.dropout(self.embed(seq)) * mask, mask)
+
+    def with_memory(self, seq):
+        """The encoder reads the last max_len items; the holographic memory folds in every item of seq
+        (older ones included) and each output adds a gated read of the memory at that position. Returns the
+        last max_len positions; the reconstruction loss is left in self.aux_loss."""
+        e, mask = self.embed(seq), seq.gt(0).to(self.item_emb.weight.dtype)
+        memory, key, value = self.memory.write_sequence(e, mask)
+        window = slice(-min(self.max_len, seq.shape[1]), None)
+        m = mask[:, window].unsqueeze(-1)
+        hidden = self.encode(self.dropout(e[:, window]) * m, m)
+        self.aux_loss = self.memory.reconstruction_loss(memory, key, value, mask)
+        recalled = self.memory.read(memory[:, window].to(hidden.dtype), hidden)
+        return hidden + torch.sigmoid(self.memory_gate(hidden)) * recalled
 
     def bundled(self, seq, k):
         """Temporal bundling: each window of k consecutive item embeddings becomes one token,
@@ -941,7 +1038,12 @@ class HoloMamba(Recommender):
         return self.encode(self.dropout(tokens) * mask, mask)
 
     def init_state(self, batch):
-        return [m.init_state(batch, self.item_emb.weight.device) for m in self.mixers]
+        """Per-user streaming state: (conv window, SSM state) per layer, plus the memory (S, d) if any."""
+        device = self.item_emb.weight.device
+        state = [m.init_state(batch, device) for m in self.mixers]
+        if self.memory is not None:
+            state.append(torch.zeros(batch, self.memory.slots, self.item_emb.embedding_dim, device=device))
+        return state
 
     def step(self, state, item, table=None):
         """Streaming inference: fold one new item (b,) into the per-user state; returns (scores (b, n_items),
@@ -950,13 +1052,19 @@ class HoloMamba(Recommender):
         if self.bundle_k > 1:
             raise ValueError("streaming steps are per item; this model was trained with bundle_k > 1")
         x, new_state = self.embed(item), []
+        if self.memory is not None:
+            memory = self.memory.write(state[-1], x)
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
             out, s = mixer.step(norm(x), state[i])
             x, new_state = x + out, new_state + [s]
             if self.ffns:
                 x = x + self.ffns[i](self.ffn_norms[i](x))
+        hidden = self.final_norm(x)
+        if self.memory is not None:
+            hidden = hidden + torch.sigmoid(self.memory_gate(hidden)) * self.memory.read(memory, hidden)
+            new_state.append(memory)
         table = self.output_embeddings()[1:] if table is None else table
-        return exact_scores(self.final_norm(x), table), new_state
+        return exact_scores(hidden, table), new_state
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -1115,14 +1223,16 @@ def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
     """Cross-entropy of the next item at every position that has a real input: full softmax over all items
     (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
     popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
-    hidden = model(inputs)
-    table, k = unwrap(model).output_embeddings(), getattr(unwrap(model), "bundle_k", 1)
+    hidden, base = model(inputs), unwrap(model)
+    table, k = base.output_embeddings(), getattr(base, "bundle_k", 1)
     if k > 1:  # one state per window of k items: its target is the item after the window's last item
         inputs, targets = (F.pad(t, ((-t.shape[1]) % k, 0))[:, k - 1::k] for t in (inputs, targets))
+    inputs, targets = inputs[:, -hidden.shape[1]:], targets[:, -hidden.shape[1]:]  # a memory model's window
+    aux = cfg["memory_loss"] * base.aux_loss if getattr(base, "memory", None) is not None else 0.0
     if cfg["num_negatives"] == 0:
         labels = torch.where(inputs.gt(0), targets, 0) - 1  # -1: padding, ignored
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
-        return F.cross_entropy(logits, labels.flatten(), ignore_index=-1, label_smoothing=cfg["label_smoothing"])
+        return aux + F.cross_entropy(logits, labels.flatten(), ignore_index=-1, label_smoothing=cfg["label_smoothing"])
     keep = targets.gt(0) & inputs.gt(0)
     hidden, targets = hidden[keep], targets[keep]
     negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
@@ -1130,11 +1240,16 @@ def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
     neg = hidden @ table[negatives].T - item_log_q[negatives]
     neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg], dim=1).float()
-    return F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
+    return aux + F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
 
 
 def is_main_process():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def input_len(cfg, model):
+    """Items fed per user: the encoder's window, plus the older items a memory model folds in."""
+    return cfg["max_len"] + (cfg["memory_len"] if getattr(unwrap(model), "memory", None) is not None else 0)
 
 
 def synchronize(device):
@@ -1213,8 +1328,8 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     """Train with AdamW and early stopping on validation NDCG@10; restores the best weights and returns the
     per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every epoch's users."""
-    windows = TrainingWindows(data, cfg["max_len"], device)
-    valid_x, valid_y = (t.to(device) for t in data.split("valid", cfg["max_len"]))
+    windows = TrainingWindows(data, input_len(cfg, model), device)
+    valid_x, valid_y = (t.to(device) for t in data.split("valid", input_len(cfg, model)))
     counts = data.item_counts.to(device).double() + 1
     counts[0] = 0
     item_log_q = (counts / counts.sum()).log().float()
@@ -1297,7 +1412,7 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     start = time.perf_counter()
     history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
     seconds = time.perf_counter() - start
-    ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, cfg["max_len"])), cfg, device).cpu()
+    ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, input_len(cfg, model))), cfg, device).cpu()
              for split in ("valid", "test")}
     best = max(history, key=lambda h: h["valid_ndcg@10"])
     run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": key[-1],
@@ -1712,6 +1827,36 @@ def measure_training(model, cfg, inputs, targets, device, item_log_q=None):
     return timed(lambda: step(inputs, targets), device, repeats=3), peak.mb
 
 
+def memory_stage(overrides):
+    """HoloMamba three ways on every dataset: the max_len window alone, the same window plus the holographic
+    memory over memory_len older items, and one window over max_len + memory_len items. Test metrics on all
+    users and on users with more than long_history training items; bytes of per-user state. results/memory.csv."""
+    rows = []
+    for dataset in datasets_of(overrides):
+        cfg = resolve_config(overrides, dataset)
+        if cfg["memory_len"] == 0:
+            raise ConfigError("--stage=memory needs --memory_len > 0 (the older items the memory folds in)")
+        data, seed = load_dataset(cfg), seeds_of(cfg)[0]
+        long = data.train_lengths() > cfg["long_history"]
+        variants = {"window": dict(cfg, memory_slots=0),
+                    "window + memory": dict(cfg, memory_slots=cfg["memory_slots"] or 8),
+                    "full window": dict(cfg, memory_slots=0, max_len=cfg["max_len"] + cfg["memory_len"])}
+        for name, variant in variants.items():
+            run = train_and_evaluate(variant, "HoloMamba", seed)
+            state = run["module"].init_state(1)
+            state_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(state))
+            for slice_name, mask in (("all users", torch.ones_like(long)), (f"> {cfg['long_history']} items", long)):
+                if mask.any():
+                    m = full_ranking_metrics(run["ranks"]["test"][mask])
+                    rows.append({"dataset": dataset, "variant": name, "slice": slice_name, "users": int(mask.sum()),
+                                 "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "mrr": m["mrr"],
+                                 "encoder_window": variant["max_len"], "items_read": input_len(variant, run["module"]),
+                                 "recurrent_state_bytes": state_bytes, "train_seconds": run["train_seconds"]})
+    write_csv(Path(resolve_config(overrides)["results_dir"]) / "memory.csv", rows)
+    print(pd.DataFrame(rows).to_string(index=False))
+    return rows
+
+
 def stats_stage(overrides):
     """Print each dataset after filtering as one JSON line."""
     for dataset in datasets_of(overrides):
@@ -1804,7 +1949,8 @@ def safe_name(name):
 # =====================================================================================================
 PAPER_SEQUENCE = ("benchmark", "ablation", "grid", "compression")
 STAGE_FUNCTIONS = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
-                   "compression": compression_stage, "efficiency": efficiency_stage, "stats": stats_stage}
+                   "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
+                   "stats": stats_stage}
 
 
 def setup_distributed(overrides):
