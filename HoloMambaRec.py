@@ -1710,14 +1710,21 @@ def cold_start_rows(cfg, data, runs):
     short = lengths <= torch.quantile(lengths.double(), cfg["cold_user_fraction"]).item()
     _, targets = data.split("test", 1)
     rare = data.item_counts[targets] <= cfg["cold_item_max_count"]
+    slices = {"short-history users": short, "rare target items": rare}
+    return [dict(row, model=run["model"]) for run in runs for row in slice_metrics(run, data.name, slices)]
+
+
+def slice_metrics(run, dataset, slices):
+    """Test HR@10, NDCG@10 and MRR of a run on all users and on each non-empty slice (boolean user masks),
+    from the per-user ranks it stored: no re-evaluation."""
+    ranks = run["ranks"]["test"]
+    slices = {"all users": torch.ones_like(ranks, dtype=torch.bool), **slices}
     rows = []
-    for run in runs:
-        for name, mask in (("all users", torch.ones_like(short)), ("short-history users", short),
-                           ("rare target items", rare)):
-            if mask.any():
-                m = full_ranking_metrics(run["ranks"]["test"][mask])
-                rows.append({"dataset": data.name, "model": run["model"], "slice": name, "users": int(mask.sum()),
-                             "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "mrr": m["mrr"]})
+    for name, mask in slices.items():
+        if mask.any():
+            m = full_ranking_metrics(ranks[mask])
+            rows.append({"dataset": dataset, "slice": name, "users": int(mask.sum()),
+                         "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "mrr": m["mrr"]})
     return rows
 
 
@@ -1845,13 +1852,10 @@ def memory_stage(overrides):
             run = train_and_evaluate(variant, "HoloMamba", seed)
             state = run["module"].init_state(1)
             state_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(state))
-            for slice_name, mask in (("all users", torch.ones_like(long)), (f"> {cfg['long_history']} items", long)):
-                if mask.any():
-                    m = full_ranking_metrics(run["ranks"]["test"][mask])
-                    rows.append({"dataset": dataset, "variant": name, "slice": slice_name, "users": int(mask.sum()),
-                                 "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "mrr": m["mrr"],
-                                 "encoder_window": variant["max_len"], "items_read": input_len(variant, run["module"]),
-                                 "recurrent_state_bytes": state_bytes, "train_seconds": run["train_seconds"]})
+            rows += [dict(row, variant=name, encoder_window=variant["max_len"],
+                          items_read=input_len(variant, run["module"]), recurrent_state_bytes=state_bytes,
+                          train_seconds=run["train_seconds"])
+                     for row in slice_metrics(run, dataset, {f"> {cfg['long_history']} items": long})]
     write_csv(Path(resolve_config(overrides)["results_dir"]) / "memory.csv", rows)
     print(pd.DataFrame(rows).to_string(index=False))
     return rows

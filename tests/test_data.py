@@ -1,15 +1,12 @@
 """Loaders of every supported format (files written into tmp_path), iterated k-core filtering, time order
 with ties in file order, attribute ids, and the DataError paths (directly and through main())."""
 import gzip
-import io
 import json
 import zipfile
 import zlib
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import HoloMambaRec as H
 
