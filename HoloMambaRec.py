@@ -88,6 +88,7 @@ GLOBAL_CONFIG = {
     "patience": 10,  # evaluations without a better validation NDCG@10 before training stops
     "eval_every": 1,  # evaluate on validation every this many epochs
     "eval_batch_size": 1024,  # users per evaluation batch
+    "exclude_seen": True,  # rank only items the user has not interacted with before the target (as the published baselines)
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "amp": True,  # bf16 autocast on CUDA (the CPU always trains in fp32)
     "compile": False,  # torch.compile the model
@@ -122,7 +123,7 @@ PRESETS = {
     # The paper's protocol: 10 epochs, L=50, d=96, N=16, batch 64, lr 1e-3, 3 layers (ML-1M) / 2 (Beauty).
     "paper": {
         "epochs": 10, "max_len": 50, "d_model": 96, "d_state": 16, "batch_size": 64, "lr": 1e-3,
-        "attribute_mode": "first", "ffn": False, "dropout": 0.1, "patience": 10,
+        "attribute_mode": "first", "ffn": False, "dropout": 0.1, "patience": 10, "exclude_seen": False,
         "ml-1m": {"n_layers": 3},
         "amazon-beauty": {"n_layers": 2, "attribute_mode": "modulo"},
     },
@@ -522,6 +523,14 @@ class SequenceData:
         inputs = left_pad([s[:-cut][-max_len:] for s in self.sequences], max_len)
         targets = torch.as_tensor(np.array([s[-cut] for s in self.sequences]))
         return inputs, targets
+
+    def seen(self, which):
+        """Every user's items before the valid / test target, for excluding them from the ranking:
+        (flat item ids, CSR offsets of shape (U + 1,))."""
+        cut = {"valid": 2, "test": 1}[which]
+        histories = [s[:-cut] for s in self.sequences]
+        offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])])
+        return torch.as_tensor(np.concatenate(histories)), torch.as_tensor(offsets)
 
     def train_lengths(self):
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
@@ -1186,6 +1195,17 @@ def ranks_of_targets(scores, targets):
     return (scores > target_scores).sum(1)
 
 
+def mask_seen(scores, seen, first):
+    """Set to -inf the scores of the items that users first .. first + len(scores) - 1 interacted with
+    before their target. A target the user had already seen can then never be ranked in the top k."""
+    items, offsets = seen
+    last = first + len(scores)
+    lengths = (offsets[first + 1:last + 1] - offsets[first:last]).to(scores.device)
+    rows = torch.repeat_interleave(torch.arange(len(scores), device=scores.device), lengths)
+    scores[rows, items[offsets[first]:offsets[last]] - 1] = float("-inf")
+    return scores
+
+
 def full_ranking_metrics(ranks, ks=METRIC_KS):
     """HR@k, NDCG@k, MRR@k for each k, and MRR over the full ranking, from 0-based target ranks."""
     ranks = ranks.double()
@@ -1199,16 +1219,27 @@ def full_ranking_metrics(ranks, ks=METRIC_KS):
     return out
 
 
+def evaluation_split(data, which, length, cfg, device):
+    """(inputs, targets, seen) of the valid or test split on the device; seen is None unless exclude_seen."""
+    inputs, targets = data.split(which, length)
+    seen = data.seen(which) if cfg["exclude_seen"] else None
+    return inputs.to(device), targets.to(device), seen and (seen[0].to(device), seen[1])
+
+
 @torch.no_grad()
-def target_ranks(model, inputs, targets, cfg, device):
-    """Full-ranking rank of every user's target, batched on the device (no per-user loop)."""
+def target_ranks(model, inputs, targets, cfg, device, seen=None, k=None):
+    """Full-ranking rank of every user's target, batched on the device (no per-user loop); the items in
+    `seen` (see evaluation_split) are excluded, and k > 1 feeds HoloMamba bundled windows of k items."""
     model.eval()
-    ranks = []
+    ranks, batch = [], cfg["eval_batch_size"]
     with autocast(cfg, device):
         table = model.output_embeddings()[1:]
-        for i in range(0, len(inputs), cfg["eval_batch_size"]):
-            hidden = model(inputs[i:i + cfg["eval_batch_size"]])[:, -1]
-            ranks.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + cfg["eval_batch_size"]]))
+        for i in range(0, len(inputs), batch):
+            hidden = (model(inputs[i:i + batch]) if k is None else model(inputs[i:i + batch], k))[:, -1]
+            scores = exact_scores(hidden, table)
+            if seen is not None:
+                mask_seen(scores, seen, i)
+            ranks.append(ranks_of_targets(scores, targets[i:i + batch]))
     return torch.cat(ranks)
 
 
@@ -1329,7 +1360,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every epoch's users."""
     windows = TrainingWindows(data, input_len(cfg, model), device)
-    valid_x, valid_y = (t.to(device) for t in data.split("valid", input_len(cfg, model)))
+    valid_x, valid_y, valid_seen = evaluation_split(data, "valid", input_len(cfg, model), cfg, device)
     counts = data.item_counts.to(device).double() + 1
     counts[0] = 0
     item_log_q = (counts / counts.sum()).log().float()
@@ -1358,7 +1389,7 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
         train_seconds += time.perf_counter() - epoch_start
         if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
             continue
-        metrics = full_ranking_metrics(target_ranks(model, valid_x, valid_y, cfg, device))
+        metrics = full_ranking_metrics(target_ranks(model, valid_x, valid_y, cfg, device, valid_seen))
         history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
                         "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
@@ -1412,8 +1443,10 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     start = time.perf_counter()
     history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
     seconds = time.perf_counter() - start
-    ranks = {split: target_ranks(model, *(t.to(device) for t in data.split(split, input_len(cfg, model))), cfg, device).cpu()
-             for split in ("valid", "test")}
+    ranks = {}
+    for split in ("valid", "test"):
+        inputs, targets, seen = evaluation_split(data, split, input_len(cfg, model), cfg, device)
+        ranks[split] = target_ranks(model, inputs, targets, cfg, device, seen).cpu()
     best = max(history, key=lambda h: h["valid_ndcg@10"])
     run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": key[-1],
            "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": best["epoch"],
@@ -1681,18 +1714,10 @@ def compression_stage(overrides):
 def bundling_row(model, cfg, data, k, training, device):
     """Test accuracy, latency of ranking every user, tokens/s and peak memory of `model` reading the last
     compression_len items bundled by k."""
-    inputs, targets = (t.to(device) for t in data.split("test", cfg["compression_len"]))
-    batch = cfg["eval_batch_size"]
-    model.eval()
+    inputs, targets, seen = evaluation_split(data, "test", cfg["compression_len"], cfg, device)
 
     def rank_all():
-        out = []
-        with torch.no_grad(), autocast(cfg, device):
-            table = model.output_embeddings()[1:]
-            for i in range(0, len(inputs), batch):
-                hidden = model(inputs[i:i + batch], k)[:, -1]
-                out.append(ranks_of_targets(exact_scores(hidden, table), targets[i:i + batch]))
-        return torch.cat(out)
+        return target_ranks(model, inputs, targets, cfg, device, seen, k)
 
     with PeakMemory(device) as peak:
         metrics = full_ranking_metrics(rank_all().cpu())
@@ -1757,10 +1782,10 @@ def time_to_quality(overrides, device, threshold=0.15):
     run = train_and_evaluate(cfg, "HoloMamba", seeds_of(cfg)[0])
     last = run["history"][-1]
     reached = next((h for h in run["history"] if h["valid_ndcg@10"] >= threshold), None)
-    valid = [t.to(device) for t in load_dataset(cfg).split("valid", cfg["max_len"])]
+    inputs, targets, seen = evaluation_split(load_dataset(cfg), "valid", cfg["max_len"], cfg, device)
     summary = {"device": str(device), "scan_backend": run["scan_backend"], "epochs": last["epoch"],
                "ml1m_epoch_seconds": last["train_seconds"] / last["epoch"],
-               "ml1m_eval_all_users_seconds": timed(lambda: target_ranks(run["module"], *valid, cfg, device), device),
+               "ml1m_eval_all_users_seconds": timed(lambda: target_ranks(run["module"], inputs, targets, cfg, device, seen), device),
                f"seconds_to_valid_ndcg10_{threshold}": reached["seconds"] if reached else None}
     write_json(Path(cfg["results_dir"]) / "efficiency_ml1m.json", summary)
     print(json.dumps(summary))

@@ -63,3 +63,36 @@ def test_target_ranks_equals_per_user_argsort(name):
             order = torch.argsort(scores, descending=True, stable=True)
             naive.append(int((order == targets[u] - 1).nonzero()))
     assert ranks.tolist() == naive
+
+
+def test_mask_seen_excludes_each_users_history_only():
+    scores = torch.zeros(3, 6)
+    items = torch.tensor([2, 5, 1, 6, 6, 3])  # user 0: {2, 5}; user 1: {1}; user 2: {6, 6, 3}; user 3: none
+    offsets = torch.tensor([0, 2, 3, 6, 6])
+    H.mask_seen(scores, (items, offsets), 0)
+    assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 4], [1, 0], [2, 2], [2, 5]]
+    later = torch.zeros(2, 6)
+    H.mask_seen(later, (items, offsets), 2)  # a batch starting at user 2
+    assert torch.isinf(later).nonzero().tolist() == [[0, 2], [0, 5]]
+
+
+def test_excluding_seen_items_moves_unseen_targets_up_and_seen_targets_out():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.9, 0.8, 0.7, 0.1]])
+    targets = torch.tensor([3, 1])  # user 0 saw items 1 and 2; user 1 saw item 1 (its target)
+    seen = (torch.tensor([1, 2, 1]), torch.tensor([0, 2, 3]))
+    assert H.ranks_of_targets(scores.clone(), targets).tolist() == [2, 0]
+    masked = H.mask_seen(scores.clone(), seen, 0)
+    ranks = H.ranks_of_targets(masked, targets)
+    assert ranks[0] == 0 and ranks[1] == 3  # -inf: every item with a finite score is above it
+    assert H.full_ranking_metrics(ranks, ks=(1,))["hr@1"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_split_seen_items_are_the_history_before_each_target():
+    data = H.prepare_dataset("t", __import__("pandas").DataFrame(
+        {"user": [1] * 4 + [2] * 3, "item": [10, 11, 12, 13, 11, 12, 10], "time": list(range(7))}), {},
+        H.resolve_config({"min_user_count": 1, "min_item_count": 1}, "synthetic"))
+    items, offsets = data.seen("valid")
+    assert offsets.tolist() == [0, 2, 3]
+    assert items.tolist() == [1, 2, 2]
+    items, offsets = data.seen("test")
+    assert offsets.tolist() == [0, 3, 5] and items.tolist() == [1, 2, 3, 2, 3]

@@ -46,8 +46,9 @@ def test_same_seed_same_metrics_and_checkpoint_roundtrip(name, tmp_path):
     data = H.load_dataset(payload["config"])
     model = H.build_model(name, payload["config"], data)
     model.load_state_dict(payload["state_dict"])
-    ranks = H.target_ranks(model, *data.split("test", payload["config"]["max_len"]), payload["config"],
-                           torch.device("cpu"))
+    cfg, cpu = payload["config"], torch.device("cpu")
+    ranks = H.target_ranks(model, *H.evaluation_split(data, "test", cfg["max_len"], cfg, cpu)[:2], cfg, cpu,
+                           H.evaluation_split(data, "test", cfg["max_len"], cfg, cpu)[2])
     assert H.full_ranking_metrics(ranks) == first["metrics"]["test"]
 
 
