@@ -98,6 +98,8 @@ GLOBAL_CONFIG = {
     "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
     "grid_csv": "grid_search_results.csv",  # grid-search log: one row per finished trial, appended as it finishes
     "grid_max_trials": 0,  # run at most this many grid trials (0 = all)
+    "grid": "",  # grid to search, e.g. "dropout=0.1,0.2;d_model=64,128" (empty = the script's GRID)
+    "resume": False,  # reuse the checkpoint of a finished run with the same config instead of training it again
     "memory_slots": 0,  # HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)
     "memory_len": 0,  # items older than the max_len window that the memory folds in, in training and evaluation
     "memory_binding": "fft",  # memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)
@@ -260,6 +262,7 @@ def validate_config(cfg):
     need(cfg["memory_binding"] in ("fft", "bipolar"), "memory_binding", "choose fft or bipolar")
     need(not (cfg["memory_slots"] and cfg["bundle_k"] > 1), "memory_slots", "cannot be combined with bundle_k > 1")
     need(cfg["time_limit"] >= 0, "time_limit", "must be >= 0")
+    parse_grid(cfg["grid"])
     need(0 <= cfg["stop_at_ndcg"] <= 1, "stop_at_ndcg", "must be in [0, 1]")
     need(cfg["attribute_mode"] in ("first", "all", "modulo"), "attribute_mode", "choose first, all or modulo")
     need(cfg["scan_backend"] in ("auto", "cuda", "parallel", "reference"), "scan_backend",
@@ -1422,7 +1425,7 @@ _RUN_CACHE = {}
 def config_tag(cfg):
     """Short hash of the config keys that change a trained model (not outputs, stages or seeds)."""
     ignore = {"stage", "quick", "models", "seeds", "results_dir", "figures_dir", "checkpoint_dir", "grid_csv",
-              "grid_max_trials", "download", "data_dir", "bundle_windows", "compression_len",
+              "grid_max_trials", "grid", "resume", "download", "data_dir", "bundle_windows", "compression_len",
               "cold_user_fraction", "cold_item_max_count", "efficiency_lengths", "efficiency_batch", "efficiency_catalogs",
               "eval_batch_size", "device", "compile"}
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ignore})
@@ -1440,9 +1443,13 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
     data = load_dataset(cfg)
     set_seed(seed)
     model = build_model(model_name, cfg, data).to(device)
-    start = time.perf_counter()
-    history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
-    seconds = time.perf_counter() - start
+    stored = finished_run(cfg, model_name, seed, key[-1], model) if cfg["resume"] else None
+    if stored:
+        history, seconds = stored["history"], stored["train_seconds"]
+    else:
+        start = time.perf_counter()
+        history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
+        seconds = time.perf_counter() - start
     ranks = {}
     for split in ("valid", "test"):
         inputs, targets, seen = evaluation_split(data, split, input_len(cfg, model), cfg, device)
@@ -1453,7 +1460,7 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
            "train_seconds": round(seconds, 2), "scan_backend": cfg["scan_backend"] if "Mamba" in model_name else "",
            "metrics": {s: full_ranking_metrics(r) for s, r in ranks.items()}, "ranks": ranks,
            "history": history, "module": model, "cfg": cfg}
-    if is_main_process():
+    if is_main_process() and not stored:
         save_checkpoint(model, cfg, run)
         write_json(Path(cfg["results_dir"]) / "runs" / f"{run_name(run)}.json",
                    {k: run[k] for k in ("dataset", "model", "seed", "config", "epochs", "stopped_by", "best_epoch",
@@ -1467,6 +1474,19 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
 
 def run_name(run):
     return safe_name(f"{run['dataset']}_{run['model']}_seed{run['seed']}_{run['config']}")
+
+
+def finished_run(cfg, model_name, seed, tag, model):
+    """--resume: the stored record of a finished run with this config, its best weights loaded into `model`;
+    None when its checkpoint or record is missing."""
+    name = run_name({"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": tag})
+    checkpoint = Path(cfg["checkpoint_dir"]) / f"{name}.pt"
+    record = Path(cfg["results_dir"]) / "runs" / f"{name}.json"
+    if not (checkpoint.is_file() and record.is_file()):
+        return None
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] resumed from {checkpoint}")
+    return json.loads(record.read_text())
 
 
 def save_checkpoint(model, cfg, run):
@@ -1497,16 +1517,24 @@ def write_csv(path, rows):
 
 
 def append_csv_row(path, row):
-    """Append one row (header on first write) under an exclusive lock, flushed before returning."""
+    """Append one row under an exclusive lock, flushed before returning. A row with columns the file lacks
+    (another grid, say) rewrites the file in place with the union of the columns, old rows left blank there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as fh:
+    with open(path, "a+", newline="") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        new = fh.tell() == 0
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        fh.seek(0)
+        reader = csv.DictReader(fh)
+        old = list(reader)
+        header = list(reader.fieldnames or [])
+        columns = header + [c for c in row if c not in header]
+        if columns != header:
+            fh.seek(0)
+            fh.truncate()
+            old_writer = csv.DictWriter(fh, fieldnames=columns)
+            old_writer.writeheader()
+            old_writer.writerows(old)
+        csv.DictWriter(fh, fieldnames=columns).writerow(row)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -1604,9 +1632,23 @@ def ablation_stage(overrides):
     return runs
 
 
-def grid_trials(max_trials):
-    trials = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
-    return trials[:max_trials] if max_trials else trials
+def parse_grid(text):
+    """--grid="key=v1,v2;key=v1" -> {key: [values]} typed like GLOBAL_CONFIG; empty text -> GRID."""
+    if not text.strip():
+        return GRID
+    grid = {}
+    for part in filter(str.strip, text.split(";")):
+        key, sep, values = part.strip().partition("=")
+        if not sep or not as_list(values):
+            raise ConfigError(f"--grid: '{part}' is not key=value1,value2")
+        grid[key] = [parse_value(key, v) for v in as_list(values)]
+    return grid
+
+
+def grid_trials(cfg):
+    grid = parse_grid(cfg["grid"])
+    trials = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return trials[:cfg["grid_max_trials"]] if cfg["grid_max_trials"] else trials
 
 
 def grid_stage(overrides):
@@ -1620,7 +1662,7 @@ def grid_stage(overrides):
         base = resolve_config(overrides, dataset)
         path = Path(base["grid_csv"])
         done = set(pd.read_csv(path)["trial"].astype(str)) if path.is_file() else set()
-        trials = grid_trials(base["grid_max_trials"])
+        trials = grid_trials(base)
         for i, trial in enumerate(tqdm(trials, desc=f"grid {dataset}", disable=not is_main_process())):
             cfg = dict(base, **trial)
             validate_config(cfg)
@@ -1643,7 +1685,7 @@ def grid_stage(overrides):
         write_json(Path(resolve_config(overrides)["results_dir"]) / "grid_best.json", best)
         for dataset, row in best.items():
             print(f"grid best on {dataset} (by validation NDCG@10): "
-                  + ", ".join(f"{k}={row[k]}" for k in GRID) + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
+                  + ", ".join(f"{k}={row[k]}" for k in parse_grid(resolve_config(overrides)["grid"])) + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
     return best
 
 
@@ -1983,14 +2025,17 @@ STAGE_FUNCTIONS = {"benchmark": benchmark_stage, "ablation": ablation_stage, "gr
 
 
 def setup_distributed(overrides):
-    """Under torchrun (WORLD_SIZE > 1): one process per GPU (NCCL) or per CPU process (gloo)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU (NCCL), several processes sharing GPUs (gloo;
+    useful for the grid stage, whose trials are independent), or CPU processes (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
         return overrides
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and overrides.get("device", "auto") != "cpu":
-        torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl")
-        return dict(overrides, device=f"cuda:{local_rank}")
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        torch.distributed.init_process_group("nccl" if world <= torch.cuda.device_count() else "gloo")
+        return dict(overrides, device=f"cuda:{gpu}")
     torch.distributed.init_process_group("gloo")
     return dict(overrides, device="cpu")
 

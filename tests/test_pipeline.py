@@ -206,3 +206,32 @@ def test_stats_stage_prints_counts(capsys, tmp_path):
     assert stats["interactions"] == len(kept)
     assert stats["attributes"] == len({attributes[i][0] for i in items})
     assert not (tmp_path / "f").exists()  # the stats stage draws no figures
+
+
+def test_resume_reuses_a_finished_run_without_training(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, epochs=1)
+    H._RUN_CACHE.clear()
+    first = H.train_and_evaluate(cfg, "GRU4Rec", 3)
+    H._RUN_CACHE.clear()
+    monkeypatch.setattr(H, "fit", lambda *a, **k: pytest.fail("--resume trained again"))
+    again = H.train_and_evaluate(dict(cfg, resume=True), "GRU4Rec", 3)
+    assert again["config"] == first["config"]  # resume does not change the run's identity
+    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+    assert torch.equal(again["ranks"]["test"], first["ranks"]["test"])
+
+
+def test_grid_key_overrides_the_scripts_grid(tmp_path):
+    cfg = small_cfg(tmp_path, epochs=1, grid="dropout=0.1,0.3;n_layers=1")
+    assert H.grid_trials(cfg) == [{"dropout": 0.1, "n_layers": 1}, {"dropout": 0.3, "n_layers": 1}]
+    with pytest.raises(H.ConfigError, match="--grid"):
+        small_cfg(tmp_path, grid="dropout")
+
+
+def test_grid_log_widens_its_header_for_a_new_grid(tmp_path):
+    path = tmp_path / "grid.csv"
+    H.append_csv_row(path, {"trial": "a", "dropout": 0.1})
+    H.append_csv_row(path, {"trial": "b", "lr": 0.002, "dropout": 0.2})
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["trial", "dropout", "lr"]
+    assert table["trial"].tolist() == ["a", "b"] and table["dropout"].tolist() == [0.1, 0.2]
+    assert table["lr"].isna().tolist() == [True, False]
