@@ -3,8 +3,9 @@
 Each item embedding is bound to its attribute embedding by circular convolution (holographic reduced
 representations, computed with the FFT); the sequence of bound embeddings goes through a shallow Mamba
 selective state-space encoder that scores the next item over the whole catalog. Around the model: SASRec,
-GRU4Rec and an item-only Mamba ablation; loaders for MovieLens-1M, Amazon Beauty, generic CSV and RecBole
-atomic files; benchmark, ablation, grid search, compression, efficiency and statistics stages; figures.
+RAMRec (SASRec with a per-user episodic memory), GRU4Rec and an item-only Mamba ablation; loaders for
+MovieLens-1M, Amazon Beauty, generic CSV and RecBole atomic files; benchmark, ablation, grid search,
+compression, efficiency and statistics stages; figures.
 
     python HoloMambaRec.py --quick                      # whole pipeline on built-in synthetic data (CPU, ~1 min)
     python HoloMambaRec.py --data_dir=../shared/datasets # the paper's pipeline on ML-1M and Beauty
@@ -56,7 +57,7 @@ GLOBAL_CONFIG = {
     "preset": "default",  # hyper-parameter preset merged over these defaults: default, paper, best, quick
     "quick": False,  # whole pipeline on the built-in synthetic dataset in about a minute on the CPU
     "dataset": "ml-1m,amazon-beauty",  # comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>
-    "models": "HoloMamba,SASRec,GRU4Rec",  # models of the benchmark stage: HoloMamba, Mamba-ItemOnly, SASRec, GRU4Rec
+    "models": "HoloMamba,SASRec,GRU4Rec",  # models of the benchmark stage: HoloMamba, Mamba-ItemOnly, SASRec, GRU4Rec, RAMRec
     "seeds": "42",  # comma list of random seeds; every (dataset, model) is trained once per seed
     "data_dir": os.environ.get("HOLOMAMBA_DATA_DIR", "data"),  # dataset folder (env HOLOMAMBA_DATA_DIR sets the default)
     "download": True,  # download missing official files into data_dir (needs internet)
@@ -104,6 +105,10 @@ GLOBAL_CONFIG = {
     "memory_len": 0,  # items older than the max_len window that the memory folds in, in training and evaluation
     "memory_binding": "fft",  # memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)
     "memory_loss": 0.1,  # weight of the memory's reconstruction loss (read back what was written)
+    "ramrec_slots": 32,  # RAMRec: episodic memory entries per user (past hidden states; lowest retention replaced)
+    "ramrec_writes": 4,  # RAMRec: hidden states stored per user and training window (every max_len // writes)
+    "ramrec_k_min": 2,  # RAMRec: entries retrieved for peaked similarities (zero entropy)
+    "ramrec_k_max": 8,  # RAMRec: entries retrieved for flat similarities (maximal entropy)
     "long_history": 200,  # memory stage: the long-history slice holds users with more training items than this
     "bundle_k": 1,  # temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)
     "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k, untrained and trained
@@ -154,7 +159,7 @@ GRID = {
 }
 
 STAGES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
-MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec")
+MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
 
@@ -261,6 +266,10 @@ def validate_config(cfg):
     need(cfg["train_window"] in ("last", "random"), "train_window", "choose last or random")
     need(cfg["memory_binding"] in ("fft", "bipolar"), "memory_binding", "choose fft or bipolar")
     need(not (cfg["memory_slots"] and cfg["bundle_k"] > 1), "memory_slots", "cannot be combined with bundle_k > 1")
+    need(cfg["ramrec_k_min"] >= 1, "ramrec_k_min", "must be >= 1")
+    need(cfg["ramrec_k_max"] >= cfg["ramrec_k_min"], "ramrec_k_max", "must be >= ramrec_k_min")
+    need(cfg["ramrec_slots"] >= cfg["ramrec_k_max"], "ramrec_slots", "must be >= ramrec_k_max")
+    need(1 <= cfg["ramrec_writes"] <= cfg["ramrec_slots"], "ramrec_writes", "must be in [1, ramrec_slots]")
     need(cfg["time_limit"] >= 0, "time_limit", "must be >= 0")
     parse_grid(cfg["grid"])
     need(0 <= cfg["stop_at_ndcg"] <= 1, "stop_at_ndcg", "must be in [0, 1]")
@@ -559,11 +568,18 @@ class TrainingWindows:
         self.offsets = torch.arange(-max_len - 1, 0, device=device)
 
     def sample(self, mode, generator=None):
-        ends = self.lengths  # exclusive end of each window, in history positions
-        if mode == "random":
-            low = self.lengths.clamp(max=self.max_len + 1)
-            u = torch.rand(len(ends), generator=generator).to(ends.device)
-            ends = low + (u * (self.lengths - low + 1)).long().clamp(max=self.lengths - low)
+        return self.cut(self.window_ends(mode, generator))
+
+    def window_ends(self, mode, generator=None):
+        """Exclusive end of each user's window (inputs and targets), in history positions."""
+        if mode == "last":
+            return self.lengths
+        low = self.lengths.clamp(max=self.max_len + 1)
+        u = torch.rand(len(low), generator=generator).to(low.device)
+        return low + (u * (self.lengths - low + 1)).long().clamp(max=self.lengths - low)
+
+    def cut(self, ends):
+        """(inputs, targets) of the windows ending at ends; the inputs end one position earlier, at ends - 1."""
         index = ends[:, None] + self.offsets  # (U, max_len + 1) positions, negative = padding
         window = torch.where(index >= 0, self.flat[(self.starts[:, None] + index).clamp(min=0)], 0)
         return window[:, :-1], window[:, 1:]
@@ -859,7 +875,9 @@ class MambaBlock(nn.Module):
 # Models
 # =====================================================================================================
 # Contract: forward(seq (b, l) left-padded item ids) -> hidden states (b, l, d); output_embeddings() ->
-# (n_items + 1, d); the score of item i after position t is hidden[:, t] · output_embeddings()[i].
+# (n_items + 1, d); the score of item i after position t is hidden[:, t] · output_embeddings()[i]. A model
+# with needs_users (RAMRec) is called as forward(seq, users, ends) in training and evaluation: user rows (b,)
+# and the exclusive end of each window in the user's history (column j holds position ends - l + j).
 def small_init(embedding, std=0.02):
     """N(0, std) weights with the padding row at exactly zero (nn.init would overwrite it)."""
     nn.init.normal_(embedding.weight, std=std)
@@ -881,6 +899,7 @@ class FeedForward(nn.Module):
 
 class Recommender(nn.Module):
     """Shared scoring: tied output embeddings, next-item scores at the last position."""
+    needs_users = False
 
     def output_embeddings(self):
         return self.item_emb.weight
@@ -1114,6 +1133,10 @@ class SASRec(Recommender):
         self.final_norm = nn.LayerNorm(d)
 
     def forward(self, seq):
+        return self.final_norm(self.encode(seq))
+
+    def encode(self, seq):
+        """The residual stream after the last block, before the final norm."""
         b, l = seq.shape
         valid = seq.gt(0)
         pos = torch.arange(l, device=seq.device)
@@ -1125,7 +1148,108 @@ class SASRec(Recommender):
         attn_mask = attn_mask.unsqueeze(1)
         for block in self.blocks:
             x = block(x, attn_mask) * valid.unsqueeze(-1)
-        return self.final_norm(x)
+        return x
+
+
+def adaptive_depth(scores, eligible, k_min, k_max):
+    """RAMRec's retrieval depth per query: K = k_min + round(h · (k_max − k_min)), at most the number of
+    eligible entries, where h in [0, 1] is the entropy of softmax(scores) over the eligible entries divided by
+    its maximum log(n_eligible). Peaked similarities retrieve few entries, flat ones many."""
+    n = eligible.sum(-1)
+    p = torch.softmax(scores.masked_fill(~eligible, torch.finfo(scores.dtype).min), -1) * eligible
+    h = -torch.special.xlogy(p, p).sum(-1) / n.clamp(min=2).log()  # n <= 1: the entropy is 0
+    return (k_min + torch.round(h.clamp(0, 1) * (k_max - k_min))).long().minimum(n)
+
+
+class RAMRec(SASRec):
+    """RAMRec (RecSys 2025, "Dynamic Memory-Augmented Sequential Recommendation with Adaptive Retrieval"), as
+    we read it: a SASRec encoder plus a per-user episodic memory bank of its past hidden states, keyed by the
+    real user id. A training forward stores a few states of each window (detached), tagged with their absolute
+    positions in the user's history (the stored state m_j is final_norm(h) at that position). The state h at
+    position p reads the top-K entries by q·k_j / sqrt(d), q = W_q final_norm(h), k_j = W_k m_j, with K from
+    the entropy of those similarities (adaptive_depth); it attends over them, r = Σ w_j V(m_j), and fuses r
+    through a gate: final_norm(h + sigmoid(W_g [final_norm(h); r]) ⊙ W_o r).
+    Leakage: position p reads only entries tagged t < p. A stored state is causal (it saw items <= t), so no
+    training position retrieves a state that saw its own target p + 1; training windows end before the
+    validation item and the bank is read-only in eval mode, so evaluation never reads a state that saw a
+    held-out item. Without users, or with no eligible entry, the output is exactly the SASRec encoder's."""
+
+    needs_users = True
+    decay = 0.9  # every retention score of a user's bank is multiplied by this at each write to it
+
+    def __init__(self, cfg, n_items, n_users=0, **_):
+        super().__init__(cfg, n_items)
+        d, slots = cfg["d_model"], cfg["ramrec_slots"]
+        self.k_min, self.k_max, self.writes = cfg["ramrec_k_min"], cfg["ramrec_k_max"], cfg["ramrec_writes"]
+        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
+        self.out = nn.Linear(d, d, bias=False)  # no bias: an empty read (r = 0) adds exactly nothing
+        self.gate = nn.Linear(2 * d, d)
+        self.register_buffer("bank", torch.zeros(n_users, slots, d))  # stored hidden states
+        self.register_buffer("tags", torch.full((n_users, slots), -1))  # absolute position, -1 = empty
+        self.register_buffer("usage", torch.zeros(n_users, slots))  # retrievals (decayed)
+        self.register_buffer("quality", torch.zeros(n_users, slots))  # mean attention weight received
+
+    def forward(self, seq, users=None, ends=None):
+        h = self.encode(seq)
+        plain = self.final_norm(h)
+        if users is None:
+            return plain
+        positions = (ends - seq.shape[1])[:, None] + torch.arange(seq.shape[1], device=seq.device)
+        with torch.autocast(seq.device.type, enabled=False):  # similarities and fusion in fp32
+            h, plain = h.float(), plain.float()
+            r = self.read(users, positions, seq.gt(0), plain)
+            out = self.final_norm(h + torch.sigmoid(self.gate(torch.cat([plain, r], -1))) * self.out(r))
+        if self.training:
+            self.write(users, positions, seq, plain)
+        return out
+
+    def read(self, users, positions, real, query):
+        """r (b, l, d): for the state at each position p, attention over the top-K entries of the user's bank
+        tagged t < p; zero where none is eligible. In training, usage counts the retrievals of each entry and
+        quality keeps the running mean of the attention weight it received."""
+        bank, tags = self.bank[users], self.tags[users][:, None, :]  # (b, S, d), (b, 1, S)
+        scores = self.query(query) @ self.key(bank).transpose(1, 2) / math.sqrt(bank.shape[-1])  # (b, l, S)
+        eligible = (tags >= 0) & (tags < positions[..., None]) & real[..., None]
+        depth = adaptive_depth(scores.detach(), eligible, self.k_min, self.k_max)  # (b, l)
+        top, slot = scores.masked_fill(~eligible, float("-inf")).topk(self.k_max, -1)  # fixed K_max, then a mask
+        chosen = torch.arange(self.k_max, device=scores.device) < depth[..., None]
+        w = torch.softmax(top.masked_fill(~chosen, torch.finfo(top.dtype).min), -1) * chosen
+        weights = torch.zeros_like(scores).scatter(-1, slot, w)  # (b, l, S)
+        if self.training:
+            with torch.no_grad():
+                hits = torch.zeros_like(scores).scatter(-1, slot, chosen.float()).sum(1)  # (b, S)
+                usage = self.usage[users] + hits
+                self.quality[users] += (weights.sum(1) - hits * self.quality[users]) / usage.clamp(min=1)
+                self.usage[users] = usage
+        return weights @ self.value(bank)
+
+    @torch.no_grad()
+    def write(self, users, positions, seq, states):
+        """Store the states at every (l // writes)-th position back from the window's last, with their absolute
+        positions as tags. An entry with the same tag is refreshed (new state, its usage and quality kept);
+        otherwise empty slots go first, then the lowest retention score quality + usage, both decayed at each
+        write. A new entry starts at usage 1 (as if retrieved once), quality 0. The users of a batch are
+        distinct (rows of one permutation)."""
+        l, slots = seq.shape[1], self.tags.shape[1]
+        stride = max(1, l // self.writes)
+        cols = l - 1 - stride * torch.arange(min(self.writes, (l - 1) // stride + 1), device=seq.device)
+        new = torch.where(seq[:, cols] > 0, positions[:, cols], -1)  # (b, W) tags; -1: padding, not stored
+        tags, usage, quality = self.tags[users], self.decay * self.usage[users], self.decay * self.quality[users]
+        same = (tags[:, None, :] == new[..., None]) & (new[..., None] >= 0)  # (b, W, S): a refreshed entry
+        kept_usage = torch.where(same.any(-1), (same * usage[:, None]).sum(-1), 1.0)
+        kept_quality = (same * quality[:, None]).sum(-1)
+        tags = tags.masked_fill(same.any(1), -1)  # the old copy's slot is free
+        slot = (quality + usage).masked_fill(tags < 0, float("-inf")).topk(len(cols), -1, largest=False).indices
+        slot = slot.masked_fill(new < 0, slots)  # padding goes to a spill column, dropped
+
+        def put(table, value):
+            index = slot.view(slot.shape + (1,) * (table.dim() - 2)).expand(value.shape)
+            return torch.cat([table, table[:, :1]], 1).scatter(1, index, value)[:, :slots]
+
+        self.tags[users] = put(tags, new)
+        self.bank[users] = put(self.bank[users], states[:, cols])
+        self.usage[users] = put(usage, kept_usage)
+        self.quality[users] = put(quality, kept_quality)
 
 
 class GRU4Rec(Recommender):
@@ -1160,7 +1284,7 @@ def build_model(name, cfg, data):
     kwargs = dict(n_items=data.n_items, item_attributes=data.item_attributes, n_attributes=data.n_attributes)
     if name in ("HoloMamba", "Mamba-ItemOnly"):
         return HoloMamba(cfg, use_binding=name == "HoloMamba", **kwargs)
-    return {"SASRec": SASRec, "GRU4Rec": GRU4Rec}[name](cfg, **kwargs)
+    return {"SASRec": SASRec, "GRU4Rec": GRU4Rec, "RAMRec": RAMRec}[name](cfg, n_users=data.n_users, **kwargs)
 
 
 # =====================================================================================================
@@ -1223,23 +1347,28 @@ def full_ranking_metrics(ranks, ks=METRIC_KS):
 
 
 def evaluation_split(data, which, length, cfg, device):
-    """(inputs, targets, seen) of the valid or test split on the device; seen is None unless exclude_seen."""
+    """(inputs, targets, seen, ends) of the valid or test split on the device; seen is None unless exclude_seen;
+    ends (U,) is where each user's inputs end in the history (exclusive), for models with needs_users."""
     inputs, targets = data.split(which, length)
     seen = data.seen(which) if cfg["exclude_seen"] else None
-    return inputs.to(device), targets.to(device), seen and (seen[0].to(device), seen[1])
+    ends = data.train_lengths() + (which == "test")  # valid inputs end at len - 2, test inputs at len - 1
+    return inputs.to(device), targets.to(device), seen and (seen[0].to(device), seen[1]), ends.to(device)
 
 
 @torch.no_grad()
-def target_ranks(model, inputs, targets, cfg, device, seen=None, k=None):
+def target_ranks(model, inputs, targets, cfg, device, seen=None, k=None, ends=None):
     """Full-ranking rank of every user's target, batched on the device (no per-user loop); the items in
-    `seen` (see evaluation_split) are excluded, and k > 1 feeds HoloMamba bundled windows of k items."""
+    `seen` (see evaluation_split) are excluded, k > 1 feeds HoloMamba bundled windows of k items, and a model
+    with needs_users gets the user rows (inputs are in user order) and the `ends` of evaluation_split."""
     model.eval()
     ranks, batch = [], cfg["eval_batch_size"]
     with autocast(cfg, device):
         table = model.output_embeddings()[1:]
         for i in range(0, len(inputs), batch):
-            hidden = (model(inputs[i:i + batch]) if k is None else model(inputs[i:i + batch], k))[:, -1]
-            scores = exact_scores(hidden, table)
+            seq, args = inputs[i:i + batch], () if k is None else (k,)
+            if ends is not None and unwrap(model).needs_users:
+                args = (torch.arange(i, i + len(seq), device=seq.device), ends[i:i + batch])
+            scores = exact_scores(model(seq, *args)[:, -1], table)
             if seen is not None:
                 mask_seen(scores, seen, i)
             ranks.append(ranks_of_targets(scores, targets[i:i + batch]))
@@ -1253,11 +1382,11 @@ def unwrap(model):
     return model
 
 
-def next_item_loss(model, inputs, targets, cfg, item_log_q=None):
+def next_item_loss(model, inputs, targets, cfg, item_log_q=None, users=None, ends=None):
     """Cross-entropy of the next item at every position that has a real input: full softmax over all items
     (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
-    popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
-    hidden, base = model(inputs), unwrap(model)
+    popularity-sampled negatives and logQ correction (cfg num_negatives > 0). users / ends: see RAMRec."""
+    hidden, base = model(inputs) if users is None else model(inputs, users, ends), unwrap(model)
     table, k = base.output_embeddings(), getattr(base, "bundle_k", 1)
     if k > 1:  # one state per window of k items: its target is the item after the window's last item
         inputs, targets = (F.pad(t, ((-t.shape[1]) % k, 0))[:, k - 1::k] for t in (inputs, targets))
@@ -1299,7 +1428,8 @@ class TrainStep:
     def __init__(self, model, runner, cfg, device, item_log_q):
         self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
         self.use_graph = (device.type == "cuda" and cfg["cuda_graphs"] and cfg["num_negatives"] == 0
-                          and runner is model and cfg["warmup_epochs"] == 0)
+                          and runner is model and cfg["warmup_epochs"] == 0
+                          and not model.needs_users)  # a per-user memory changes its bank in place every step
         extra = {"fused": True, "capturable": True} if self.use_graph else {}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], **extra)
         self.device, self.graph, self.steps, self.steps_per_epoch = device, None, 0, 1
@@ -1308,22 +1438,22 @@ class TrainStep:
         warmup = self.cfg["warmup_epochs"] * self.steps_per_epoch
         return min(1.0, (self.steps + 1) / warmup) if warmup else 1.0
 
-    def forward_backward(self, x, y):
+    def forward_backward(self, x, y, users=None, ends=None):
         with autocast(self.cfg, self.device):
-            loss = next_item_loss(self.runner, x, y, self.cfg, self.item_log_q)
+            loss = next_item_loss(self.runner, x, y, self.cfg, self.item_log_q, users, ends)
         loss.backward()
         if self.cfg["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.optimizer.step()
         return loss.detach()
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, users=None, ends=None):
         if not self.use_graph:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg["lr"] * self.lr_factor()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps += 1
-            return self.forward_backward(x, y)
+            return self.forward_backward(x, y, users, ends)
         if len(x) < self.cfg["batch_size"]:
             pad = self.cfg["batch_size"] - len(x)
             x, y = F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad))
@@ -1363,13 +1493,15 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every epoch's users."""
     windows = TrainingWindows(data, input_len(cfg, model), device)
-    valid_x, valid_y, valid_seen = evaluation_split(data, "valid", input_len(cfg, model), cfg, device)
+    valid_x, valid_y, valid_seen, valid_ends = evaluation_split(data, "valid", input_len(cfg, model), cfg, device)
     counts = data.item_counts.to(device).double() + 1
     counts[0] = 0
     item_log_q = (counts / counts.sum()).log().float()
     runner, world, rank = model, 1, 0
     if distributed and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if model.needs_users:  # DDP would broadcast rank 0's bank over the others' at every step
+            raise ConfigError("RAMRec keeps its per-user memory bank in one process: run it without torchrun")
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         runner = torch.compile(runner)
@@ -1382,17 +1514,20 @@ def fit(model, data, cfg, device, desc="train", distributed=True):
     for epoch in bar:
         model.train()
         epoch_start = time.perf_counter()
-        train_x, train_y = windows.sample(cfg["train_window"], generator)
+        ends = windows.window_ends(cfg["train_window"], generator)
+        train_x, train_y = windows.cut(ends)
         order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
         total = torch.zeros((), device=device)
         for i in range(0, len(order), cfg["batch_size"]):
             idx = order[i:i + cfg["batch_size"]]
-            total += step(train_x[idx], train_y[idx])
+            user_args = (idx, ends[idx] - 1) if model.needs_users else ()  # inputs end one before the window
+            total += step(train_x[idx], train_y[idx], *user_args)
         synchronize(device)
         train_seconds += time.perf_counter() - epoch_start
         if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
             continue
-        metrics = full_ranking_metrics(target_ranks(model, valid_x, valid_y, cfg, device, valid_seen))
+        ranks = target_ranks(model, valid_x, valid_y, cfg, device, valid_seen, ends=valid_ends)
+        metrics = full_ranking_metrics(ranks)
         history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
                         "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
@@ -1452,8 +1587,8 @@ def train_and_evaluate(cfg, model_name, seed, distributed=True):
         seconds = time.perf_counter() - start
     ranks = {}
     for split in ("valid", "test"):
-        inputs, targets, seen = evaluation_split(data, split, input_len(cfg, model), cfg, device)
-        ranks[split] = target_ranks(model, inputs, targets, cfg, device, seen).cpu()
+        inputs, targets, seen, ends = evaluation_split(data, split, input_len(cfg, model), cfg, device)
+        ranks[split] = target_ranks(model, inputs, targets, cfg, device, seen, ends=ends).cpu()
     best = max(history, key=lambda h: h["valid_ndcg@10"])
     run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": key[-1],
            "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": best["epoch"],
@@ -1756,7 +1891,7 @@ def compression_stage(overrides):
 def bundling_row(model, cfg, data, k, training, device):
     """Test accuracy, latency of ranking every user, tokens/s and peak memory of `model` reading the last
     compression_len items bundled by k."""
-    inputs, targets, seen = evaluation_split(data, "test", cfg["compression_len"], cfg, device)
+    inputs, targets, seen, _ = evaluation_split(data, "test", cfg["compression_len"], cfg, device)
 
     def rank_all():
         return target_ranks(model, inputs, targets, cfg, device, seen, k)
@@ -1824,7 +1959,7 @@ def time_to_quality(overrides, device, threshold=0.15):
     run = train_and_evaluate(cfg, "HoloMamba", seeds_of(cfg)[0])
     last = run["history"][-1]
     reached = next((h for h in run["history"] if h["valid_ndcg@10"] >= threshold), None)
-    inputs, targets, seen = evaluation_split(load_dataset(cfg), "valid", cfg["max_len"], cfg, device)
+    inputs, targets, seen, _ = evaluation_split(load_dataset(cfg), "valid", cfg["max_len"], cfg, device)
     summary = {"device": str(device), "scan_backend": run["scan_backend"], "epochs": last["epoch"],
                "ml1m_epoch_seconds": last["train_seconds"] / last["epoch"],
                "ml1m_eval_all_users_seconds": timed(lambda: target_ranks(run["module"], inputs, targets, cfg, device, seen), device),

@@ -82,6 +82,6 @@ def test_graph_replayed_training_is_seen_by_evaluation():
     history = H.fit(model, data, cfg, torch.device("cuda"))
     scores = [h["valid_ndcg@10"] for h in history]
     assert len(set(scores)) == len(scores)  # every epoch's evaluation differs
-    valid = [t.cuda() for t in data.split("valid", cfg["max_len"])]
-    final = H.full_ranking_metrics(H.target_ranks(model, *valid, cfg, torch.device("cuda")))
+    inputs, targets, seen, _ = H.evaluation_split(data, "valid", cfg["max_len"], cfg, torch.device("cuda"))
+    final = H.full_ranking_metrics(H.target_ranks(model, inputs, targets, cfg, torch.device("cuda"), seen))
     assert final["ndcg@10"] == pytest.approx(max(scores), abs=1e-6)  # the best weights were restored
