@@ -138,7 +138,7 @@ PRESETS = {
     "best": {
         "epochs": 200, "patience": 10,
         "ml-1m": {"max_len": 200, "train_window": "random", "batch_size": 256, "lr": 2e-3},
-        "amazon-beauty": {"max_len": 50, "dropout": 0.5, "label_smoothing": 0.1},
+        "amazon-beauty": {"max_len": 50, "dropout": 0.5, "label_smoothing": 0.1, "attribute_mode": "first"},
     },
     "quick": {
         "dataset": "synthetic", "models": "HoloMamba,SASRec,GRU4Rec", "max_len": 20, "d_model": 32,
