@@ -1776,6 +1776,8 @@ def parse_grid(text):
         key, sep, values = part.strip().partition("=")
         if not sep or not as_list(values):
             raise ConfigError(f"--grid: '{part}' is not key=value1,value2")
+        if key not in GLOBAL_CONFIG:
+            raise ConfigError(f"--grid: unknown config key '{key}' (python HoloMambaRec.py --help lists the keys)")
         grid[key] = [parse_value(key, v) for v in as_list(values)]
     return grid
 

@@ -225,6 +225,10 @@ def test_grid_key_overrides_the_scripts_grid(tmp_path):
     assert H.grid_trials(cfg) == [{"dropout": 0.1, "n_layers": 1}, {"dropout": 0.3, "n_layers": 1}]
     with pytest.raises(H.ConfigError, match="--grid"):
         small_cfg(tmp_path, grid="dropout")
+    with pytest.raises(H.ConfigError, match="--grid: unknown config key 'dropuot'"):
+        small_cfg(tmp_path, grid="dropuot=0.1")
+    with pytest.raises(H.ConfigError, match="--dropout=x"):
+        small_cfg(tmp_path, grid="dropout=0.1,x")
 
 
 def test_grid_log_widens_its_header_for_a_new_grid(tmp_path):
