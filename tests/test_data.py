@@ -143,13 +143,16 @@ def test_amazon_beauty_modulo_attributes(tmp_path):
     assert data.item_attributes[:, 0].tolist() == [0, 3, 4, 5, 6]  # item_id % 50 + 2, row 0 padding
 
 
-def test_csv_dir(tmp_path):
-    folder = write_csv_dataset(tmp_path / "mycsv")
-    data = H.load_dataset(cfg_for(f"csv:{folder}", tmp_path))
+@pytest.mark.parametrize("kind", ["csv", "recbole"])
+def test_csv_and_recbole_files(tmp_path, kind):
+    """The same items in both formats: a has two attributes, b one, c an empty entry, d none at all.
+    csv: a: g1 2, g2 3; b: g2. recbole tokens are field:value: categories:A 2, categories:B 3."""
+    spec = (f"csv:{write_csv_dataset(tmp_path / 'mycsv')}" if kind == "csv"
+            else f"recbole:{write_recbole(tmp_path / 'rb')}")
+    data = H.load_dataset(cfg_for(spec, tmp_path))
     check_core(data)
-    # a: g1 2, g2 3; b: g2; c: empty attributes -> 1; d: absent from item_attributes.csv -> 1
     assert data.n_attributes == 3
-    assert data.item_attributes[1:, :2].tolist() == [[2, 3], [3, 0], [1, 0], [1, 0]]
+    assert data.item_attributes[1:, :2].tolist() == [[2, 3], [3, 0], [1, 0], [1, 0]]  # c, d -> 1 ('no attribute')
     assert (data.item_attributes[1:, 0] > 0).all()
 
 
@@ -158,15 +161,6 @@ def test_csv_without_attribute_file(tmp_path):
     data = H.load_dataset(cfg_for(f"csv:{folder}", tmp_path))
     check_core(data)
     assert data.n_attributes == 1 and data.item_attributes[1:, 0].tolist() == [1, 1, 1, 1]
-
-
-def test_recbole_atomic_files(tmp_path):
-    base = write_recbole(tmp_path / "rb")
-    data = H.load_dataset(cfg_for(f"recbole:{base}", tmp_path))
-    check_core(data)
-    # tokens are field:value: categories:A 2, categories:B 3; c empty -> 1, d no row -> 1
-    assert data.n_attributes == 3
-    assert data.item_attributes[1:, :2].tolist() == [[2, 3], [3, 0], [1, 0], [1, 0]]
 
 
 def test_leave_one_out_needs_three_interactions(tmp_path):
