@@ -11,8 +11,9 @@ compression, efficiency and statistics stages; figures.
     python HoloMambaRec.py --data_dir=../shared/datasets # the paper's pipeline on ML-1M and Beauty
     python HoloMambaRec.py --help                       # every config key with its meaning
 
-Protocol: leave-one-out (last item = test, second-to-last = validation), full ranking over all items,
-model selection on validation NDCG@10 only, the test split evaluated once per run with the best weights.
+Protocol: leave-one-out (last item = test, second-to-last = validation), full ranking over the catalog with
+each user's earlier items excluded (--exclude_seen), model selection on validation NDCG@10 only, the test
+split evaluated once per run with the best weights.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 # type and checked. Lists are comma-separated strings so that a config is plain data (it is stored in
 # every checkpoint and every results row).
 GLOBAL_CONFIG = {
-    "stage": "all",  # comma list of stages to run: benchmark, ablation, grid, compression, efficiency, stats; all = paper sequence
+    "stage": "all",  # comma list of stages to run: benchmark, ablation, grid, compression, efficiency, memory, stats; all = paper sequence
     "preset": "default",  # hyper-parameter preset merged over these defaults: default, paper, best, quick
     "quick": False,  # whole pipeline on the built-in synthetic dataset in about a minute on the CPU
     "dataset": "ml-1m,amazon-beauty",  # comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>
@@ -865,10 +866,9 @@ class MambaBlock(nn.Module):
         conv_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1)
         x = F.silu((conv_state * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias)
         delta, B, C = self.ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
-        ssm_state = torch.exp(delta.unsqueeze(-1) * A) * ssm_state + (delta * x).unsqueeze(-1) * B.unsqueeze(1)
-        y = (ssm_state * C.unsqueeze(1)).sum(-1) + self.D * x
-        return self.out_proj(y * F.silu(z)), (conv_state, ssm_state)
+        y, ssm_state = selective_scan_reference(*(t.unsqueeze(1) for t in (x, delta)), -torch.exp(self.A_log.float()),
+                                                B.unsqueeze(1), C.unsqueeze(1), self.D.float(), ssm_state)
+        return self.out_proj(y[:, 0] * F.silu(z)), (conv_state, ssm_state)
 
 
 # =====================================================================================================
