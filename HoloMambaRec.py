@@ -1701,16 +1701,31 @@ def summarise(rows):
     return out.reset_index()
 
 
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive lock on a folder (flock on its descriptor), so that processes sharing a results folder
+    take turns to read, merge and rewrite its files; released when the descriptor closes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def upsert_csv(path, rows, key):
-    """Merge rows into a CSV, replacing earlier rows with the same key columns; written atomically."""
+    """Merge rows into a CSV, replacing earlier rows with the same key columns; written atomically, under
+    the folder's lock, so concurrent runs writing to one results folder lose no rows."""
     path = Path(path)
     new = pd.DataFrame(rows)
-    if path.is_file():
-        old = pd.read_csv(path, dtype={"config": str})
-        keys = set(map(tuple, new[key].astype(str).to_numpy()))
-        old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
-        new = pd.concat([old, new], ignore_index=True)
-    write_csv(path, new.to_dict("records"))
+    with folder_lock(path.parent):
+        if path.is_file():
+            old = pd.read_csv(path, dtype={"config": str})
+            keys = set(map(tuple, new[key].astype(str).to_numpy()))
+            old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
+            new = pd.concat([old, new], ignore_index=True)
+        write_csv(path, new.to_dict("records"))
     return new
 
 

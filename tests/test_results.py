@@ -64,3 +64,26 @@ def test_config_tag_ignores_outputs_and_seeds_but_not_hyperparameters():
     assert H.config_tag(cfg) == H.config_tag(dict(cfg, results_dir="elsewhere", seeds="1,2", stage="grid"))
     assert H.config_tag(cfg) != H.config_tag(dict(cfg, d_model=8))
     assert len(H.config_tag(cfg)) == 8
+
+
+def _upsert_many(path, worker, count):
+    for seed in range(count):
+        H.upsert_csv(path, [row(f"w{worker}", seed / 100, seed=seed)], KEY)
+
+
+def test_concurrent_upserts_into_one_folder_lose_no_rows(tmp_path):
+    """Several benchmark processes may share a results folder; each upsert reads, merges and rewrites the
+    file, so without the folder lock a row written between another process's read and write is lost."""
+    import multiprocessing
+
+    path, workers, count = tmp_path / "bench.csv", 4, 15
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_upsert_many, args=(path, w, count)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * workers
+    table = pd.read_csv(path, dtype={"config": str})
+    assert len(table) == workers * count
+    assert sorted(table.groupby("config")["seed"].nunique().tolist()) == [count] * workers
