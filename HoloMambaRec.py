@@ -5,18 +5,32 @@ representations, computed with the FFT); the sequence of bound embeddings goes t
 selective state-space encoder that scores the next item over the whole catalog. Around the model: SASRec,
 RAMRec (SASRec with a per-user episodic memory), GRU4Rec and an item-only Mamba ablation; loaders for
 MovieLens-1M, Amazon Beauty, generic CSV and RecBole atomic files; benchmark, ablation, grid search,
-compression, efficiency and statistics stages; figures.
+compression, long-term memory, efficiency and statistics stages; figures.
 
     python HoloMambaRec.py --quick                      # whole pipeline on built-in synthetic data (CPU, ~1 min)
     python HoloMambaRec.py --data_dir=../shared/datasets # the paper's pipeline on ML-1M and Beauty
-    python HoloMambaRec.py --help                       # every config key with its meaning
+    python HoloMambaRec.py --help                       # every config key with its meaning, grouped by role
+
+From Python (the API the notebooks use):
+
+    import HoloMambaRec as hm
+    data = hm.load_dataset("ml-1m", data_dir="../shared/datasets")
+    model = hm.build_model("HoloMamba", data, max_len=200)
+    result = hm.fit(model, data)                         # early stopping on validation NDCG@10
+    print(hm.evaluate(model, data, "test"))              # full-ranking HR / NDCG / MRR
+    hm.save(model, "holomamba.pt"); model = hm.load("holomamba.pt")
 
 Protocol: leave-one-out (last item = test, second-to-last = validation), full ranking over the catalog with
 each user's earlier items excluded (--exclude_seen), model selection on validation NDCG@10 only, the test
 split evaluated once per run with the best weights.
+
+Sections, in the order data flows: §1 configuration · §2 data · §3 holographic operations · §4 selective scan ·
+§5 models · §6 training · §7 evaluation · §8 runs and result files · §9 stages · §10 figures · §11 Python API
+and command line.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import copy
@@ -36,8 +50,10 @@ import tempfile
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -46,83 +62,209 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+__version__ = "0.2.0"
+
 
 # =====================================================================================================
-# Configuration
+# §1 Configuration: one table of keys
 # =====================================================================================================
-# Every key can be overridden on the command line as --key=value; the value is parsed as the default's
-# type and checked. Lists are comma-separated strings so that a config is plain data (it is stored in
-# every checkpoint and every results row).
-GLOBAL_CONFIG = {
-    "stage": "all",  # comma list of stages to run: benchmark, ablation, grid, compression, efficiency, memory, stats; all = paper sequence
-    "preset": "default",  # hyper-parameter preset merged over these defaults: default, paper, best, quick
-    "quick": False,  # whole pipeline on the built-in synthetic dataset in about a minute on the CPU
-    "dataset": "ml-1m,amazon-beauty",  # comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>
-    "models": "HoloMamba,SASRec,GRU4Rec",  # models of the benchmark stage: HoloMamba, Mamba-ItemOnly, SASRec, GRU4Rec, RAMRec
-    "seeds": "42",  # comma list of random seeds; every (dataset, model) is trained once per seed
-    "data_dir": os.environ.get("HOLOMAMBA_DATA_DIR", "data"),  # dataset folder (env HOLOMAMBA_DATA_DIR sets the default)
-    "download": True,  # download missing official files into data_dir (needs internet)
-    "min_user_count": 5,  # k-core: keep users with at least this many interactions (iterated with items)
-    "min_item_count": 5,  # k-core: keep items with at least this many interactions
-    "attribute_mode": "all",  # first (one attribute per item, as the paper) | all (every attribute, bundled) | modulo (paper's Beauty parity: item_id % 50)
-    "max_attributes": 8,  # at most this many attributes per item in "all" mode
-    "max_len": 50,  # length of the input window (most recent items)
-    "d_model": 64,  # embedding / hidden width
-    "n_layers": 2,  # encoder layers (Mamba blocks, transformer blocks or GRU layers)
-    "d_state": 16,  # Mamba state size N per channel
-    "d_conv": 4,  # Mamba depthwise causal convolution width
-    "expand": 2,  # Mamba inner width = expand * d_model
-    "ffn": True,  # position-wise feed-forward sublayer after each Mamba block (as Mamba4Rec)
-    "dropout": 0.2,  # dropout on embeddings and sublayer outputs
-    "n_heads": 1,  # SASRec attention heads
-    "scan_backend": "auto",  # auto | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (Python loop)
-    "epochs": 200,  # maximum training epochs (early stopping usually ends sooner)
-    "batch_size": 128,  # training sequences per step
-    "lr": 1e-3,  # AdamW learning rate
-    "weight_decay": 0.0,  # AdamW weight decay
-    "warmup_epochs": 0,  # linear learning-rate warm-up, in epochs
-    "grad_clip": 1.0,  # gradient-norm clipping (0 = off)
-    "label_smoothing": 0.0,  # label smoothing of the full-softmax cross-entropy
-    "num_negatives": 0,  # 0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction
-    "train_window": "last",  # training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)
-    "time_limit": 0.0,  # stop training a run after this many minutes (0 = no limit); the best weights so far are kept
-    "stop_at_ndcg": 0.0,  # stop training once validation NDCG@10 reaches this (0 = off; the efficiency stage uses 0.15)
-    "patience": 10,  # evaluations without a better validation NDCG@10 before training stops
-    "eval_every": 1,  # evaluate on validation every this many epochs
-    "eval_batch_size": 1024,  # users per evaluation batch
-    "exclude_seen": True,  # rank only items the user has not interacted with before the target (as the published baselines)
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "amp": True,  # bf16 autocast on CUDA (the CPU always trains in fp32)
-    "compile": False,  # torch.compile the model
-    "cuda_graphs": True,  # capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)
-    "results_dir": "results",  # CSV / JSON / Markdown outputs
-    "figures_dir": "figures",  # PNG figures
-    "checkpoint_dir": "checkpoints",  # best weights of each run, with their config
-    "grid_csv": "grid_search_results.csv",  # grid-search log: one row per finished trial, appended as it finishes
-    "grid_max_trials": 0,  # run at most this many grid trials (0 = all)
-    "grid": "",  # grid to search, e.g. "dropout=0.1,0.2;d_model=64,128" (empty = the script's GRID)
-    "resume": False,  # reuse the checkpoint of a finished run with the same config instead of training it again
-    "memory_slots": 0,  # HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)
-    "memory_len": 0,  # items older than the max_len window that the memory folds in, in training and evaluation
-    "memory_binding": "fft",  # memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)
-    "memory_loss": 0.1,  # weight of the memory's reconstruction loss (read back what was written)
-    "ramrec_slots": 32,  # RAMRec: episodic memory entries per user (past hidden states; lowest retention replaced)
-    "ramrec_writes": 4,  # RAMRec: hidden states stored per user and training window (every max_len // writes)
-    "ramrec_k_min": 2,  # RAMRec: entries retrieved for peaked similarities (zero entropy)
-    "ramrec_k_max": 8,  # RAMRec: entries retrieved for flat similarities (maximal entropy)
-    "long_history": 200,  # memory stage: the long-history slice holds users with more training items than this
-    "bundle_k": 1,  # temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)
-    "bundle_windows": "1,2,4,8",  # compression stage: temporal bundling windows k, untrained and trained
-    "compression_len": 200,  # compression stage: history length fed to the bundled model
-    "cold_user_fraction": 0.2,  # cold-start slice: the users with the shortest training histories (this fraction)
-    "cold_item_max_count": 10,  # cold-item slice: test targets seen at most this many times in training
-    "efficiency_lengths": "50,200,512,1024,2048",  # efficiency stage: sequence lengths
-    "efficiency_batch": 64,  # efficiency stage: training / inference batch size
-    "efficiency_catalogs": "10000,100000,1000000",  # efficiency stage: catalog sizes for full vs sampled softmax
+# Every key has a default, a role, a check and a meaning. Everything else is derived from this table:
+# --help (grouped by role), validation of every config a stage builds, the run hash (data + model +
+# training roles: what changes a trained model) and the data-cache key (data role). GLOBAL_CONFIG, the
+# key -> default dict of the paper's script, is built from it; editing GLOBAL_CONFIG (in a notebook, say)
+# changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
+# stored in every checkpoint and every run record.
+STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
+MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec")
+BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
+METRIC_KS = (5, 10, 20)
+
+ROLES = {
+    "stage": "what to run, and the stages' own settings (never part of a run's identity)",
+    "data": "which data, and how it is filtered (the data-cache key; part of the run hash)",
+    "model": "architecture (part of the run hash)",
+    "training": "optimisation and model selection (part of the run hash)",
+    "evaluation": "how a finished run is measured and sliced",
+    "system": "where and how it runs: device, kernels, data location (numerically neutral)",
+    "output": "where results, figures and checkpoints go",
 }
+HASHED_ROLES = ("data", "model", "training")
+
+
+class ConfigError(ValueError):
+    """A bad --key=value, an unknown key, or a value out of range."""
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing, corrupt, or empty after filtering."""
+
+
+class Key(NamedTuple):
+    default: object
+    role: str
+    check: Callable | None  # value -> None when fine, else what is wrong ("must be > 0")
+    meaning: str
+
+
+def as_list(value, kind=str):
+    """Parse a comma-separated config string into a list of `kind`."""
+    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
+def above(low):
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def at_least(low):
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def fraction(closed_low=True, closed_high=False):
+    """A value in [0, 1) by default; the brackets of the message follow the arguments."""
+    lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
+
+    def check(v):
+        ok = (v >= 0 if closed_low else v > 0) and (v <= 1 if closed_high else v < 1)
+        return None if ok else f"must be in {lo}0, 1{hi}"
+    return check
+
+
+def one_of(*options):
+    return lambda v: None if v in options else f"choose {', '.join(options)}"
+
+
+def names_in(*options):
+    """A non-empty comma list whose every element is one of options."""
+    def check(v):
+        names = as_list(v)
+        return None if names and all(n in options for n in names) else f"choose from {', '.join(options)}"
+    return check
+
+
+def positive_ints(allow_zero=False):
+    def check(v):
+        try:
+            values = as_list(v, int)
+        except ValueError:
+            values = []
+        ok = values and all(x >= 0 if allow_zero else x > 0 for x in values)
+        return None if ok else "must be a comma list of positive integers"
+    return check
+
+
+def dataset_names(v):
+    names = as_list(v)
+    if names and all(n in BUILTIN_DATASETS or n.startswith(("csv:", "recbole:", "frame:")) for n in names):
+        return None
+    return f"choose from {', '.join(BUILTIN_DATASETS)}, csv:<dir>, recbole:<dir>/<name>"
+
+
+def device_name(v):
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "choose auto, cpu, cuda or cuda:N"
+
+
+def grid_spec(v):
+    try:
+        parse_grid(v)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+DEFAULT_GRID = "d_model=64,128;n_layers=1,2;dropout=0.2,0.5;attribute_mode=first,all"
+
+CONFIG_TABLE = {
+    # ---- stage --------------------------------------------------------------------------------------
+    "stage": Key("all", "stage", names_in(*STAGE_NAMES, "all"),
+                 "comma list of stages: " + ", ".join(STAGE_NAMES) + "; all = benchmark, ablation, grid, compression"),
+    "preset": Key("default", "stage", None, "hyper-parameter preset merged over these defaults: default, paper, best, quick"),
+    "quick": Key(False, "stage", None, "shorthand for --preset=quick: the whole pipeline on synthetic data in about a minute on a CPU"),
+    "models": Key("HoloMamba,SASRec,GRU4Rec", "stage", names_in(*MODEL_NAMES), "models of the benchmark, compression and cold-start slices: " + ", ".join(MODEL_NAMES)),
+    "seeds": Key("42", "stage", positive_ints(allow_zero=True), "comma list of random seeds; every (dataset, model) is trained once per seed"),
+    "resume": Key(False, "stage", None, "reuse the checkpoint of a finished run with the same run hash instead of training it again"),
+    "grid": Key(DEFAULT_GRID, "stage", grid_spec, "grid of the grid stage: key=v1,v2;key=v1,... over data, model and training keys"),
+    "grid_max_trials": Key(0, "stage", at_least(0), "run at most this many grid trials (0 = all)"),
+    "bundle_windows": Key("1,2,4,8", "stage", positive_ints(), "compression stage: temporal bundling windows k, untrained and trained"),
+    "compression_len": Key(200, "stage", at_least(2), "compression stage: history length fed to the bundled model"),
+    "efficiency_lengths": Key("50,200,512,1024,2048", "stage", positive_ints(), "efficiency stage: sequence lengths"),
+    "efficiency_batch": Key(64, "stage", above(0), "efficiency stage: training / inference batch size"),
+    "efficiency_items": Key(3416, "stage", above(0), "efficiency stage: catalog size of the sequence-length rows (ML-1M's)"),
+    "efficiency_catalogs": Key("10000,100000,1000000", "stage", positive_ints(), "efficiency stage: catalog sizes for full vs sampled softmax"),
+    "efficiency_negatives": Key(256, "stage", above(0), "efficiency stage: negatives of the sampled-softmax catalog rows"),
+    "efficiency_target_ndcg": Key(0.15, "stage", fraction(closed_low=False), "efficiency stage: time-to-quality threshold of validation NDCG@10 on ML-1M"),
+    # ---- data ---------------------------------------------------------------------------------------
+    "dataset": Key("ml-1m,amazon-beauty", "data", dataset_names, "comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>"),
+    "min_user_count": Key(5, "data", at_least(0), "k-core: keep users with at least this many interactions (iterated with items)"),
+    "min_item_count": Key(5, "data", at_least(0), "k-core: keep items with at least this many interactions"),
+    "attribute_mode": Key("all", "data", one_of("first", "all", "modulo"), "first (one attribute per item, as the paper) | all (every attribute, bundled) | modulo (paper's Beauty parity: item_id % 50)"),
+    "max_attributes": Key(8, "data", above(0), "at most this many attributes per item in 'all' mode"),
+    # ---- model --------------------------------------------------------------------------------------
+    "max_len": Key(50, "model", at_least(2), "length of the input window (most recent items)"),
+    "d_model": Key(64, "model", above(0), "embedding / hidden width"),
+    "n_layers": Key(2, "model", above(0), "encoder layers (Mamba blocks, transformer blocks or GRU layers)"),
+    "d_state": Key(16, "model", above(0), "Mamba state size N per channel"),
+    "d_conv": Key(4, "model", above(0), "Mamba depthwise causal convolution width"),
+    "expand": Key(2, "model", above(0), "Mamba inner width = expand * d_model"),
+    "ffn": Key(True, "model", None, "position-wise feed-forward sublayer after each Mamba block (as Mamba4Rec)"),
+    "dropout": Key(0.2, "model", fraction(), "dropout on embeddings and sublayer outputs"),
+    "n_heads": Key(1, "model", above(0), "SASRec attention heads"),
+    "bundle_k": Key(1, "model", above(0), "temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)"),
+    "memory_slots": Key(0, "model", at_least(0), "HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)"),
+    "memory_len": Key(0, "model", at_least(0), "items older than the max_len window that the memory folds in, in training and evaluation"),
+    "memory_binding": Key("fft", "model", one_of("fft", "bipolar"), "memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)"),
+    "ramrec_slots": Key(32, "model", above(0), "RAMRec: episodic memory entries per user (past hidden states; lowest retention replaced)"),
+    "ramrec_writes": Key(4, "model", above(0), "RAMRec: hidden states stored per user and training window (every max_len // writes)"),
+    "ramrec_k_min": Key(2, "model", at_least(1), "RAMRec: entries retrieved for peaked similarities (zero entropy)"),
+    "ramrec_k_max": Key(8, "model", at_least(1), "RAMRec: entries retrieved for flat similarities (maximal entropy)"),
+    "ramrec_decay": Key(0.9, "model", fraction(closed_low=False, closed_high=True), "RAMRec: every retention score of a user's bank is multiplied by this at each write to it"),
+    # ---- training -----------------------------------------------------------------------------------
+    "epochs": Key(200, "training", above(0), "maximum training epochs (early stopping usually ends sooner)"),
+    "batch_size": Key(128, "training", above(0), "training sequences per step"),
+    "lr": Key(1e-3, "training", above(0), "AdamW learning rate"),
+    "weight_decay": Key(0.0, "training", at_least(0), "AdamW weight decay"),
+    "warmup_epochs": Key(0, "training", at_least(0), "linear learning-rate warm-up, in epochs"),
+    "grad_clip": Key(1.0, "training", at_least(0), "gradient-norm clipping (0 = off)"),
+    "label_smoothing": Key(0.0, "training", fraction(), "label smoothing of the softmax cross-entropy"),
+    "num_negatives": Key(0, "training", at_least(0), "0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction"),
+    "train_window": Key("last", "training", one_of("last", "random"), "training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)"),
+    "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
+    "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
+    "patience": Key(10, "training", at_least(1), "evaluations without a better validation NDCG@10 before training stops"),
+    "eval_every": Key(1, "training", above(0), "evaluate on validation every this many epochs"),
+    "time_limit": Key(0.0, "training", at_least(0), "stop training a run after this many minutes (0 = no limit); the best weights so far are kept"),
+    "stop_at_ndcg": Key(0.0, "training", fraction(closed_high=True), "stop training once validation NDCG@10 reaches this (0 = off)"),
+    "exclude_seen": Key(True, "training", None, "rank only items the user has not interacted with before the target (as the published baselines), in model selection and in the test"),
+    # ---- evaluation ---------------------------------------------------------------------------------
+    "eval_batch_size": Key(1024, "evaluation", above(0), "users per evaluation batch"),
+    "cold_user_fraction": Key(0.2, "evaluation", fraction(closed_low=False, closed_high=True), "cold-start slice: the users with the shortest training histories (this fraction)"),
+    "cold_item_max_count": Key(10, "evaluation", at_least(0), "cold-item slice: test targets seen at most this many times in training"),
+    "long_history": Key(200, "evaluation", at_least(0), "memory stage: the long-history slice holds users with more training items than this"),
+    # ---- system -------------------------------------------------------------------------------------
+    "device": Key("auto", "system", device_name, "auto | cpu | cuda | cuda:N"),
+    "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (Python loop); chosen once per model and device"),
+    "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)"),
+    "compile": Key(False, "system", None, "torch.compile the model"),
+    "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
+    "download": Key(True, "system", None, "download missing official files into data_dir (needs internet)"),
+    # ---- output -------------------------------------------------------------------------------------
+    "results_dir": Key("results", "output", None, "CSV / JSON / Markdown outputs, and one JSON record per run under runs/"),
+    "figures_dir": Key("figures", "output", None, "PNG figures, drawn from the result files"),
+    "checkpoint_dir": Key("checkpoints", "output", None, "best weights of each run, with their config"),
+    "grid_csv": Key("grid_search_results.csv", "output", None, "grid-search log: one row per finished trial, appended as it finishes"),
+}
+GLOBAL_CONFIG = {name: key.default for name, key in CONFIG_TABLE.items()}
+
+# Checks that involve two keys: (key named in the error, predicate over the config, what is wrong).
+CROSS_CHECKS = [
+    ("n_heads", lambda c: c["d_model"] % c["n_heads"] == 0, "must divide d_model"),
+    ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
+    ("ramrec_k_max", lambda c: c["ramrec_k_max"] >= c["ramrec_k_min"], "must be >= ramrec_k_min"),
+    ("ramrec_slots", lambda c: c["ramrec_slots"] >= c["ramrec_k_max"], "must be >= ramrec_k_max"),
+    ("ramrec_writes", lambda c: c["ramrec_writes"] <= c["ramrec_slots"], "must be in [1, ramrec_slots]"),
+]
 
 # Presets are merged over GLOBAL_CONFIG; a key named after a dataset holds that dataset's own values.
-# Precedence: defaults < preset < preset[dataset] < command line.
+# Precedence: defaults < preset < preset[dataset] < --config file < command line (or API keywords).
 PRESETS = {
     "default": {
         "ml-1m": {"max_len": 200},
@@ -151,154 +293,204 @@ PRESETS = {
     },
 }
 
-# Grid searched by the grid stage (HoloMamba, every dataset of the run). Selection is on validation NDCG@10.
-GRID = {
-    "d_model": [64, 128],
-    "n_layers": [1, 2],
-    "dropout": [0.2, 0.5],
-    "attribute_mode": ["first", "all"],
-}
 
-STAGES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
-MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec")
-BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
-METRIC_KS = (5, 10, 20)
-
-
-class ConfigError(ValueError):
-    """A bad --key=value, an unknown key, or a value out of range."""
-
-
-class DataError(RuntimeError):
-    """A dataset that is missing, corrupt, or empty after filtering."""
-
-
-def as_list(value, kind=str):
-    """Parse a comma-separated config string into a list of `kind`."""
-    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
-
-
-def config_help():
-    """Each GLOBAL_CONFIG key with its default and comment, read from this file's source."""
-    lines = Path(__file__).read_text().split("GLOBAL_CONFIG = {", 1)[1].split("\n}", 1)[0].splitlines()
-    out = ["usage: python HoloMambaRec.py [--quick] [--key=value ...]", "", "keys (default, meaning):"]
-    for line in lines:
-        m = re.match(r'\s*"(\w+)":.*#\s*(.*)$', line)
-        if m:
-            out.append(f"  --{m.group(1)}={GLOBAL_CONFIG[m.group(1)]!s:<14} {m.group(2)}")
-    return "\n".join(out)
-
-
-def parse_value(key, text):
-    """Convert a command-line string to the type of GLOBAL_CONFIG[key]."""
+def coerce(key, value):
+    """value (a command-line string, a JSON value or a Python value) as the type of key's default."""
     if key not in GLOBAL_CONFIG:
         raise ConfigError(f"unknown config key '{key}' (python HoloMambaRec.py --help lists the keys)")
     default = GLOBAL_CONFIG[key]
+    kind = type(default)
     try:
-        if isinstance(default, bool):
-            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("1", "true", "yes")
-        return type(default)(text)
+        if isinstance(value, str) and kind is not str:
+            if kind is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("1", "true", "yes")
+            return kind(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
     except ValueError:
-        raise ConfigError(f"--{key}={text}: expected {type(default).__name__}") from None
+        pass
+    raise ConfigError(f"--{key}={value}: expected {kind.__name__}")
 
 
-def parse_cli(argv):
-    """--key=value arguments -> dict of overrides (checked against GLOBAL_CONFIG's keys and types)."""
-    overrides = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}': use --key=value")
-        key, sep, text = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not sep:
-            if not isinstance(GLOBAL_CONFIG.get(key), bool):
-                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
-            text = "true"
-        overrides[key] = parse_value(key, text)
-    if overrides.get("quick") and "preset" not in overrides:
-        overrides["preset"] = "quick"
-    return overrides
+def validate_config(cfg):
+    """Raise ConfigError naming the first key whose value is out of range (every key, then the cross checks)."""
+    unknown = sorted(set(cfg) - set(CONFIG_TABLE))
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}' (python HoloMambaRec.py --help lists the keys)")
+    for name, key in CONFIG_TABLE.items():
+        value = cfg[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name}={value}: must be a finite number")
+        problem = key.check(value) if key.check else None
+        if problem:
+            raise ConfigError(f"--{name}={value}: {problem}")
+    for name, ok, problem in CROSS_CHECKS:
+        if not ok(cfg):
+            raise ConfigError(f"--{name}={cfg[name]}: {problem}")
 
 
-def resolve_config(overrides, dataset=None):
-    """defaults < preset < preset[dataset] < overrides, validated."""
+class Config(Mapping):
+    """A resolved, validated configuration: read-only. A variant is made with replace(), which validates it
+    again, so no stage can build a config that skips the checks."""
+
+    def __init__(self, values):
+        values = {k: coerce(k, v) for k, v in values.items()}
+        missing = sorted(set(CONFIG_TABLE) - set(values))
+        if missing:
+            raise ConfigError(f"config lacks the key '{missing[0]}'")
+        validate_config(values)
+        self._values = values
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __repr__(self):
+        return f"Config({self._values!r})"
+
+    def replace(self, **changes):
+        return Config({**self._values, **changes})
+
+    def of_role(self, *roles):
+        return {k: v for k, v in self._values.items() if CONFIG_TABLE[k].role in roles}
+
+
+def run_hash(cfg):
+    """Short hash of the keys that change a trained model: the data, model and training roles. Outputs, stages,
+    seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately)."""
+    blob = json.dumps(sorted(Config(cfg).of_role(*HASHED_ROLES).items()))
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def resolve_config(overrides=None, dataset=None):
+    """defaults < preset < preset[dataset] < overrides, as one validated Config. With `dataset`, the config of
+    that one dataset (its preset entry merged, cfg['dataset'] set to it)."""
+    overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(GLOBAL_CONFIG))
     if unknown:
         raise ConfigError(f"unknown config key '{unknown[0]}' (python HoloMambaRec.py --help lists the keys)")
+    if overrides.get("quick") and "preset" not in overrides:
+        overrides["preset"] = "quick"
     preset_name = overrides.get("preset", GLOBAL_CONFIG["preset"])
     if preset_name not in PRESETS:
         raise ConfigError(f"--preset={preset_name}: unknown preset (choose from {', '.join(PRESETS)})")
     preset = PRESETS[preset_name]
-    cfg = dict(GLOBAL_CONFIG)
-    cfg.update({k: v for k, v in preset.items() if not isinstance(v, dict)})
+    values = dict(GLOBAL_CONFIG)
+    values.update({k: v for k, v in preset.items() if not isinstance(v, dict)})
     if dataset is not None:
-        cfg.update(preset.get(dataset, {}))
-        cfg["dataset"] = dataset
-    cfg.update(overrides)
+        values.update(preset.get(dataset, {}))
+    values.update(overrides)
     if dataset is not None:
-        cfg["dataset"] = dataset
-    validate_config(cfg)
-    return cfg
+        values["dataset"] = dataset
+    return Config(values)
 
 
-def validate_config(cfg):
-    """Raise ConfigError naming the first key whose value is out of range."""
-    def need(ok, key, what):
-        if not ok:
-            raise ConfigError(f"--{key}={cfg[key]}: {what}")
+def config(dataset=None, **overrides):
+    """Public: a validated Config from keyword overrides, e.g. config("ml-1m", preset="best", d_model=128).
+    With one dataset, that dataset's preset entry is merged too."""
+    if dataset is not None and len(as_list(dataset)) > 1:
+        return resolve_config(dict(overrides, dataset=dataset))
+    return resolve_config(overrides, dataset)
 
-    for key in ("bundle_k", "d_model", "n_layers", "d_state", "d_conv", "expand", "epochs", "batch_size", "n_heads",
-                "eval_every", "eval_batch_size", "max_attributes", "efficiency_batch"):
-        need(cfg[key] > 0, key, "must be > 0")
-    for key in ("memory_slots", "memory_len", "memory_loss", "long_history", "min_user_count", "min_item_count", "num_negatives", "patience", "grid_max_trials",
-                "warmup_epochs", "cold_item_max_count"):
-        need(cfg[key] >= 0, key, "must be >= 0")
-    need(cfg["max_len"] >= 2, "max_len", "must be >= 2")
-    need(cfg["compression_len"] >= 2, "compression_len", "must be >= 2")
-    need(cfg["lr"] > 0, "lr", "must be > 0")
-    need(cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
-    need(cfg["grad_clip"] >= 0, "grad_clip", "must be >= 0")
-    need(0 <= cfg["dropout"] < 1, "dropout", "must be in [0, 1)")
-    need(0 < cfg["cold_user_fraction"] <= 1, "cold_user_fraction", "must be in (0, 1]")
-    need(0 <= cfg["label_smoothing"] < 1, "label_smoothing", "must be in [0, 1)")
-    need(cfg["d_model"] % cfg["n_heads"] == 0, "n_heads", "must divide d_model")
-    need(cfg["train_window"] in ("last", "random"), "train_window", "choose last or random")
-    need(cfg["memory_binding"] in ("fft", "bipolar"), "memory_binding", "choose fft or bipolar")
-    need(not (cfg["memory_slots"] and cfg["bundle_k"] > 1), "memory_slots", "cannot be combined with bundle_k > 1")
-    need(cfg["ramrec_k_min"] >= 1, "ramrec_k_min", "must be >= 1")
-    need(cfg["ramrec_k_max"] >= cfg["ramrec_k_min"], "ramrec_k_max", "must be >= ramrec_k_min")
-    need(cfg["ramrec_slots"] >= cfg["ramrec_k_max"], "ramrec_slots", "must be >= ramrec_k_max")
-    need(1 <= cfg["ramrec_writes"] <= cfg["ramrec_slots"], "ramrec_writes", "must be in [1, ramrec_slots]")
-    need(cfg["time_limit"] >= 0, "time_limit", "must be >= 0")
-    parse_grid(cfg["grid"])
-    need(0 <= cfg["stop_at_ndcg"] <= 1, "stop_at_ndcg", "must be in [0, 1]")
-    need(cfg["attribute_mode"] in ("first", "all", "modulo"), "attribute_mode", "choose first, all or modulo")
-    need(cfg["scan_backend"] in ("auto", "cuda", "parallel", "reference"), "scan_backend",
-         "choose auto, cuda, parallel or reference")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]) is not None, "device", "choose auto, cpu, cuda or cuda:N")
-    stages = as_list(cfg["stage"])
-    need(stages and all(s in STAGES + ("all",) for s in stages), "stage", f"choose from all, {', '.join(STAGES)}")
-    models = as_list(cfg["models"])
-    need(models and all(m in MODEL_NAMES for m in models), "models", f"choose from {', '.join(MODEL_NAMES)}")
-    datasets = as_list(cfg["dataset"])
-    need(datasets and all(d in BUILTIN_DATASETS or d.startswith(("csv:", "recbole:")) for d in datasets),
-         "dataset", f"choose from {', '.join(BUILTIN_DATASETS)}, csv:<dir>, recbole:<dir>/<name>")
-    for key, kind in (("seeds", int), ("bundle_windows", int), ("efficiency_lengths", int),
-                      ("efficiency_catalogs", int)):
-        try:
-            values = as_list(cfg[key], kind)
-        except ValueError:
-            values = []
-        need(values and all(v > 0 or key == "seeds" for v in values), key, "must be a comma list of positive integers")
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() can turn every problem into one line and exit 2."""
+
+    class Exit(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    def error(self, message):
+        raise ConfigError(message.replace("argument ", "", 1))
+
+    def exit(self, status=0, message=None):
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise self.Exit(status)
+
+
+class KeyValueHelp(argparse.HelpFormatter):
+    """--key=default in the left column, so the help reads like the config table."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=120)
+
+    def _format_action_invocation(self, action):
+        if action.option_strings and action.nargs != 0:
+            return f"{action.option_strings[0]}={action.metavar}"
+        return super()._format_action_invocation(action)
+
+
+def argument_parser():
+    """The command line, built from CONFIG_TABLE: one group per role, one option per key (every option takes
+    --key=value; a boolean key alone means true). Values stay strings here and are typed by coerce()."""
+    parser = ArgumentParser(prog="python HoloMambaRec.py", formatter_class=KeyValueHelp, allow_abbrev=False,
+                            usage="%(prog)s [--quick] [--config=FILE.json] [--key=value ...]",
+                            description="Metadata-aware sequential recommendation: holographic binding + Mamba. "
+                                        "Every key below is also a key of GLOBAL_CONFIG.")
+    parser.add_argument("--version", action="version", version=f"HoloMambaRec {__version__}")
+    parser.add_argument("--config", metavar="FILE.json", default=argparse.SUPPRESS,
+                        help="read keys from a JSON object (keys as in GLOBAL_CONFIG); the command line wins")
+    for role, meaning in ROLES.items():
+        group = parser.add_argument_group(f"{role} keys", meaning)
+        for name, key in CONFIG_TABLE.items():
+            if key.role != role:
+                continue
+            shown = str(key.default).lower() if isinstance(key.default, bool) else (str(key.default) or '""')
+            flag = {"nargs": "?", "const": "true"} if isinstance(key.default, bool) else {}
+            group.add_argument(f"--{name}", dest=name, metavar=shown, default=argparse.SUPPRESS,
+                               help=key.meaning.replace("%", "%%"), **flag)
+    return parser
+
+
+def parse_cli(argv):
+    """--key=value arguments (and --config=FILE.json) -> dict of typed overrides; the command line wins over
+    the file. '-' and '_' are the same in key names."""
+    argv = [re.sub(r"^--([\w-]+)", lambda m: "--" + m.group(1).replace("-", "_"), a) for a in argv]
+    known, rest = argument_parser().parse_known_args(argv)
+    if rest:
+        arg = rest[0]
+        if arg.startswith("--"):
+            raise ConfigError(f"unknown config key '{arg[2:].partition('=')[0]}' (python HoloMambaRec.py --help lists the keys)")
+        raise ConfigError(f"unexpected argument '{arg}': use --key=value")
+    given = vars(known)
+    overrides = read_config_file(given.pop("config")) if "config" in given else {}
+    overrides.update({key: coerce(key, text) for key, text in given.items()})
+    return overrides
+
+
+def read_config_file(path):
+    """Keys of a JSON object file, typed like GLOBAL_CONFIG."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config={path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"--config={path}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config={path}: expected a JSON object of config keys")
+    return {key: coerce(key, value) for key, value in values.items()}
 
 
 # =====================================================================================================
-# Data: download, parse, filter, split, batches
+# §2 Data: download, parse, filter, split, batches
 # =====================================================================================================
 # Every loader returns the same normalised pair: a DataFrame (user, item, time) in file order, and a dict
-# raw item id -> list of attribute tokens. Everything after `prepare_dataset` is dataset-blind.
+# raw item id -> list of attribute tokens. prepare_dataset turns it into a SequenceData, and everything
+# after that is dataset-blind.
 DOWNLOADS = {
     "ml-1m": [("ml-1m.zip", "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
                "c4d9eecfca2ab87c1945afe126590906")],
@@ -309,6 +501,7 @@ DOWNLOADS = {
          "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz", None),
     ],
 }
+SYNTHETIC = {"n_users": 600, "n_items": 300, "n_attributes": 15, "min_len": 12, "max_len": 40, "seed": 0}
 
 
 def download_file(url, dest, md5=None):
@@ -360,6 +553,40 @@ def find_dataset_files(name, cfg):
     return found
 
 
+def csv_files(spec):
+    """(interactions file, attribute file or None) of a csv:<dir> dataset."""
+    folder = Path(spec).expanduser()
+    path = folder / "interactions.csv" if folder.is_dir() else folder
+    if not path.is_file():
+        raise DataError(f"{path} not found: a csv dataset needs interactions.csv with columns user,item,timestamp")
+    attributes = path.parent / "item_attributes.csv"
+    return path, attributes if attributes.is_file() else None
+
+
+def recbole_files(spec):
+    """(.inter file, .item file or None) of a recbole:<dir>/<name> dataset."""
+    base = Path(spec).expanduser()
+    inter = base.with_suffix(".inter") if base.suffix != ".inter" else base
+    if not inter.is_file():
+        raise DataError(f"{inter} not found: a recbole dataset is recbole:<dir>/<name> with <name>.inter there")
+    items = inter.with_suffix(".item")
+    return inter, items if items.is_file() else None
+
+
+def dataset_files(cfg):
+    """The source files of cfg['dataset'] (downloaded when missing and allowed); the synthetic set has none."""
+    name = cfg["dataset"]
+    if name in DOWNLOADS:
+        return find_dataset_files(name, cfg)
+    if name.startswith("csv:"):
+        return list(csv_files(name[len("csv:"):]))
+    if name.startswith("recbole:"):
+        return list(recbole_files(name[len("recbole:"):]))
+    if name.startswith("frame:"):
+        raise DataError(f"{name} is an in-memory DataFrame: pass the DataFrame itself to load_dataset")
+    return []
+
+
 @contextlib.contextmanager
 def reading(path):
     """Turn low-level decoding errors of a file into one DataError that names the file."""
@@ -372,9 +599,8 @@ def reading(path):
                         "delete it and download it again") from None
 
 
-def load_ml1m(cfg):
+def load_ml1m(path):
     """MovieLens-1M from GroupLens ml-1m.zip: ratings.dat and movies.dat (latin-1, genres 'A|B|C')."""
-    (path,) = find_dataset_files("ml-1m", cfg)
     with reading(path), zipfile.ZipFile(path) as zf:
         ratings = zf.read("ml-1m/ratings.dat").decode("latin-1")
         movies = zf.read("ml-1m/movies.dat").decode("latin-1")
@@ -391,9 +617,8 @@ def load_ml1m(cfg):
 _ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 
 
-def load_amazon_beauty(cfg):
+def load_amazon_beauty(reviews_path, meta_path):
     """Amazon 2014 Beauty 5-core reviews + metadata categories (meta lines are Python dict literals)."""
-    reviews_path, meta_path = find_dataset_files("amazon-beauty", cfg)
     with reading(reviews_path), gzip.open(reviews_path, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     df = pd.DataFrame(rows)
@@ -416,22 +641,17 @@ def load_amazon_beauty(cfg):
     return df, attributes
 
 
-def load_csv_dataset(spec, cfg):
-    """Generic format: <dir>/interactions.csv (user,item,timestamp) and optional <dir>/item_attributes.csv
+def load_csv_dataset(path, attr_path=None):
+    """Generic format: interactions.csv (user,item,timestamp) and optional item_attributes.csv
     (item,attributes with attributes separated by '|')."""
-    folder = Path(spec).expanduser()
-    path = folder / "interactions.csv" if folder.is_dir() else folder
-    if not path.is_file():
-        raise DataError(f"{path} not found: a csv dataset needs interactions.csv with columns user,item,timestamp")
     with reading(path):
         df = pd.read_csv(path, dtype={"user": str, "item": str})
     missing = {"user", "item", "timestamp"} - set(df.columns)
     if missing:
         raise DataError(f"{path} lacks the column(s) {sorted(missing)}: expected user,item,timestamp")
     df = df.rename(columns={"timestamp": "time"})[["user", "item", "time"]]
-    attr_path = path.parent / "item_attributes.csv"
     attributes = {}
-    if attr_path.is_file():
+    if attr_path is not None:
         with reading(attr_path):
             meta = pd.read_csv(attr_path, dtype=str).fillna("")
         if {"item", "attributes"} - set(meta.columns):
@@ -448,12 +668,8 @@ def read_atomic(path):
     return df
 
 
-def load_recbole_dataset(spec, cfg):
-    """RecBole atomic files <dir>/<name>.inter (user_id, item_id, timestamp) and optional <name>.item."""
-    base = Path(spec).expanduser()
-    inter = base.with_suffix(".inter") if base.suffix != ".inter" else base
-    if not inter.is_file():
-        raise DataError(f"{inter} not found: a recbole dataset is recbole:<dir>/<name> with <name>.inter there")
+def load_recbole_dataset(inter, item_file=None):
+    """RecBole atomic files <name>.inter (user_id, item_id, timestamp) and optional <name>.item."""
     df = read_atomic(inter)
     missing = {"user_id", "item_id", "timestamp"} - set(df.columns)
     if missing:
@@ -461,8 +677,7 @@ def load_recbole_dataset(spec, cfg):
     df = df.rename(columns={"user_id": "user", "item_id": "item", "timestamp": "time"})[["user", "item", "time"]]
     df["time"] = pd.to_numeric(df["time"])
     attributes = {}
-    item_file = inter.with_suffix(".item")
-    if item_file.is_file():
+    if item_file is not None:
         meta = read_atomic(item_file).fillna("")
         fields = [c for c in meta.columns if c != "item_id"]
         for row in meta.itertuples(index=False):
@@ -492,16 +707,17 @@ def synthetic_interactions(n_users=600, n_items=300, n_attributes=15, min_len=12
     return df, {i: [f"attr{item_attr[i]}"] for i in range(n_items)}
 
 
-def load_raw(name, cfg):
+def load_raw(name, files):
+    """(interactions, attributes) of dataset `name` from its source files (see dataset_files)."""
     if name == "ml-1m":
-        return load_ml1m(cfg)
+        return load_ml1m(*files)
     if name == "amazon-beauty":
-        return load_amazon_beauty(cfg)
+        return load_amazon_beauty(*files)
     if name == "synthetic":
-        return synthetic_interactions()
+        return synthetic_interactions(**SYNTHETIC)
     if name.startswith("csv:"):
-        return load_csv_dataset(name[4:], cfg)
-    return load_recbole_dataset(name[len("recbole:"):], cfg)
+        return load_csv_dataset(*files)
+    return load_recbole_dataset(*files)
 
 
 def k_core_filter(df, min_user, min_item):
@@ -515,9 +731,33 @@ def k_core_filter(df, min_user, min_item):
             return df
 
 
+class Catalog(NamedTuple):
+    """What a model needs to know about the data: catalog and user counts and the attribute table."""
+    n_items: int
+    n_users: int
+    n_attributes: int
+    item_attributes: torch.Tensor  # (n_items + 1, A) attribute ids, 0 = none; row 0 is padding
+
+
+class EvalSplit(NamedTuple):
+    """The valid or test split of every user, for ranking: inputs (U, L) left-padded, targets (U,), user rows
+    (U,), ends (U,) where the inputs end in each history (exclusive), and the items to exclude from each
+    user's ranking as (flat ids, CSR offsets (U + 1,)), or None."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    users: torch.Tensor
+    ends: torch.Tensor
+    seen: tuple | None
+
+    def to(self, device):
+        seen = None if self.seen is None else (self.seen[0].to(device), self.seen[1])
+        return EvalSplit(self.inputs.to(device), self.targets.to(device), self.users.to(device),
+                         self.ends.to(device), seen)
+
+
 @dataclass
 class SequenceData:
-    """A dataset after filtering: id-mapped sequences as left-padded tensors (item 0 = padding)."""
+    """A dataset after filtering: each user's item ids in time order (items 1..n; 0 is padding)."""
     name: str
     n_users: int
     n_items: int
@@ -527,23 +767,23 @@ class SequenceData:
     sequences: list  # per user, np.int64 array of item ids in time order
     item_counts: torch.Tensor  # (n_items + 1,) training-split interaction counts (popularity)
 
-    def split(self, which, max_len):
-        """Left-padded tensors of one split. train: (inputs, targets) of shape (U, max_len), next-item
-        target at every position; valid / test: (inputs (U, max_len), target (U,)) for leave-one-out."""
-        if which == "train":
-            return TrainingWindows(self, max_len, "cpu").sample("last")
-        cut = {"valid": 2, "test": 1}[which]
-        inputs = left_pad([s[:-cut][-max_len:] for s in self.sequences], max_len)
-        targets = torch.as_tensor(np.array([s[-cut] for s in self.sequences]))
-        return inputs, targets
+    @property
+    def catalog(self):
+        return Catalog(self.n_items, self.n_users, self.n_attributes, self.item_attributes)
 
-    def seen(self, which):
-        """Every user's items before the valid / test target, for excluding them from the ranking:
-        (flat item ids, CSR offsets of shape (U + 1,))."""
+    def eval_split(self, which, length, exclude_seen=True, device="cpu"):
+        """Leave-one-out split: 'valid' predicts the second-to-last item from the items before it, 'test' the
+        last item from all before it; inputs are the most recent `length` of them."""
         cut = {"valid": 2, "test": 1}[which]
         histories = [s[:-cut] for s in self.sequences]
-        offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])])
-        return torch.as_tensor(np.concatenate(histories)), torch.as_tensor(offsets)
+        inputs = left_pad([h[-length:] for h in histories], length)
+        targets = torch.as_tensor(np.array([s[-cut] for s in self.sequences]))
+        ends = torch.as_tensor([len(h) for h in histories])
+        seen = None
+        if exclude_seen:
+            offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])])
+            seen = (torch.as_tensor(np.concatenate(histories)), torch.as_tensor(offsets))
+        return EvalSplit(inputs, targets, torch.arange(self.n_users), ends, seen).to(device)
 
     def train_lengths(self):
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
@@ -567,9 +807,6 @@ class TrainingWindows:
         self.flat = torch.as_tensor(np.concatenate(histories), device=device)
         self.max_len = max_len
         self.offsets = torch.arange(-max_len - 1, 0, device=device)
-
-    def sample(self, mode, generator=None):
-        return self.cut(self.window_ends(mode, generator))
 
     def window_ends(self, mode, generator=None):
         """Exclusive end of each user's window (inputs and targets), in history positions."""
@@ -640,21 +877,26 @@ def attribute_table(items, raw_attributes, cfg):
     return torch.tensor(rows, dtype=torch.long), len(vocab)
 
 
-_DATA_CACHE = {}
+def data_key(cfg, files):
+    """What identifies a prepared dataset: the data role's keys and the source files (path, size, mtime)."""
+    stamps = tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in files if p)
+    return tuple(sorted(Config(cfg).of_role("data").items())) + stamps
 
 
-def load_dataset(cfg):
-    """Read, filter and index cfg['dataset'] (memoised per process on the keys that change the data)."""
-    key = (cfg["dataset"], cfg["data_dir"], cfg["attribute_mode"], cfg["max_attributes"],
-           cfg["min_user_count"], cfg["min_item_count"])
-    if key not in _DATA_CACHE:
-        df, attributes = load_raw(cfg["dataset"], cfg)
-        _DATA_CACHE[key] = prepare_dataset(cfg["dataset"], df, attributes, cfg)
-    return _DATA_CACHE[key]
+def read_dataset(cfg):
+    """Read, filter and index cfg['dataset'] (one dataset) from its source files."""
+    return prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], dataset_files(cfg)), cfg)
+
+
+def catalog_only(n_items, n_attributes=50):
+    """A catalog of n_items (attribute id % n_attributes) and no users: enough to build a model."""
+    attributes = (torch.arange(n_items + 1) % n_attributes + 1).unsqueeze(1)
+    attributes[0] = 0
+    return Catalog(n_items, 0, n_attributes, attributes)
 
 
 # =====================================================================================================
-# Holographic reduced representations
+# §3 Holographic reduced representations: bind, unbind, bundle
 # =====================================================================================================
 def _fft_dtype(x):
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -699,7 +941,7 @@ def unitary_vectors(count, dim, generator=None):
 
 
 # =====================================================================================================
-# Selective state-space scan (Mamba-1)
+# §4 Selective state-space scan (Mamba-1): three backends, chosen once per model
 # =====================================================================================================
 # h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t ;  y_t = C_t · h_t + D x_t
 # Shapes: u, delta (b, l, d); A (d, n); B, C (b, l, n); D (d,). Three backends compute the same thing:
@@ -804,6 +1046,7 @@ SCAN_BACKENDS = {"reference": selective_scan_reference, "parallel": selective_sc
 
 def pick_scan_backend(name, device):
     """auto: the mamba-ssm kernel on CUDA when importable, else the PyTorch parallel scan."""
+    device = torch.device(device)
     if name == "auto":
         name = "cuda" if device.type == "cuda" and cuda_kernels()[0] is not None else "parallel"
     if name == "cuda" and (device.type != "cuda" or cuda_kernels()[0] is None):
@@ -812,15 +1055,17 @@ def pick_scan_backend(name, device):
     return name
 
 
+
 class MambaBlock(nn.Module):
     """Mamba-1 mixer: input projection, depthwise causal conv, input-dependent (Δ, B, C), diagonal
     A = -exp(A_log), SiLU-gated output. `mask` (b, l, 1) makes left padding inert: padded steps neither
-    feed nor decay the state, so outputs equal those of the unpadded sequence."""
+    feed nor decay the state, so outputs equal those of the unpadded sequence. The scan backend is chosen
+    once (use_backend), never per call."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, scan_backend="parallel"):
         super().__init__()
         d_inner, self.dt_rank = expand * d_model, math.ceil(d_model / 16)
-        self.d_state, self.d_conv, self.scan_backend = d_state, d_conv, scan_backend
+        self.d_state, self.d_conv = d_state, d_conv
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -832,6 +1077,12 @@ class MambaBlock(nn.Module):
         dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.use_backend(scan_backend)
+
+    def use_backend(self, name):
+        """Scan with SCAN_BACKENDS[name] from now on ("cuda" also takes causal-conv1d's kernel when it imports)."""
+        self.scan_backend, self.scan = name, SCAN_BACKENDS[name]
+        self.conv_kernel = cuda_kernels()[1] if name == "cuda" else None
 
     def ssm_inputs(self, x):
         """(Δ, B, C) from the conv output x (.., d_inner)."""
@@ -842,16 +1093,15 @@ class MambaBlock(nn.Module):
         if mask is not None:
             hidden = hidden * mask
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        if x.is_cuda and cuda_kernels()[1] is not None:
-            x = cuda_kernels()[1](x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
+        if self.conv_kernel is not None:
+            x = self.conv_kernel(x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
             x = x.transpose(1, 2)
         else:
             x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
         delta, B, C = self.ssm_inputs(x)
         if mask is not None:
             delta = delta * mask
-        scan = SCAN_BACKENDS[pick_scan_backend(self.scan_backend, x.device)]
-        y, _ = scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
+        y, _ = self.scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
         return self.out_proj(y * F.silu(z))
 
     def init_state(self, batch, device):
@@ -872,12 +1122,40 @@ class MambaBlock(nn.Module):
 
 
 # =====================================================================================================
-# Models
+# §5 Models: one contract
 # =====================================================================================================
-# Contract: forward(seq (b, l) left-padded item ids) -> hidden states (b, l, d); output_embeddings() ->
-# (n_items + 1, d); the score of item i after position t is hidden[:, t] · output_embeddings()[i]. A model
-# with needs_users (RAMRec) is called as forward(seq, users, ends) in training and evaluation: user rows (b,)
-# and the exclusive end of each window in the user's history (column j holds position ends - l + j).
+# forward(Batch) -> Output. A Batch holds item ids (b, l), left-padded; in training the next item at each
+# position; and for models with per-user memory (reads_users) the user rows and where each window ends in
+# the user's history. A model returns its hidden states, the target each state predicts (0 = none, no loss)
+# and its own auxiliary loss, already weighted. The score of item i for a state h is h · output_table()[i].
+# So the loss, the ranking and the trainer never ask which model they hold; what differs between models
+# (streaming, bundling, per-user memory, CUDA-graph safety) is a method or a capability flag of the model.
+class Batch(NamedTuple):
+    """items (b, l) left-padded ids; targets (b, l) next item at each position (training only); users (b,)
+    user rows and ends (b,) the exclusive end of the inputs in each user's history: column j holds history
+    position ends - l + j (read by reads_users models, ignored by the others)."""
+    items: torch.Tensor
+    targets: torch.Tensor | None = None
+    users: torch.Tensor | None = None
+    ends: torch.Tensor | None = None
+
+
+class Output(NamedTuple):
+    """hidden (b, t, d) states; targets (b, t) the item each state predicts, 0 where there is none (training
+    only); aux_loss the model's own weighted auxiliary loss (0.0 when it has none)."""
+    hidden: torch.Tensor
+    targets: torch.Tensor | None = None
+    aux_loss: torch.Tensor | float = 0.0
+
+
+def next_targets(batch, width):
+    """The targets of the last `width` positions, 0 where the input is padding; None outside training."""
+    if batch.targets is None:
+        return None
+    items, targets = batch.items[:, -width:], batch.targets[:, -width:]
+    return torch.where(items.gt(0), targets, 0)
+
+
 def small_init(embedding, std=0.02):
     """N(0, std) weights with the padding row at exactly zero (nn.init would overwrite it)."""
     nn.init.normal_(embedding.weight, std=std)
@@ -898,15 +1176,36 @@ class FeedForward(nn.Module):
 
 
 class Recommender(nn.Module):
-    """Shared scoring: tied output embeddings, next-item scores at the last position."""
-    needs_users = False
+    """The shared contract: forward(Batch) -> Output, output_table(), score_next(Batch). Capabilities:
+    reads_users (per-user state in the module: one process, no DDP), graph_safe (the training step can be
+    captured as a CUDA graph), recurrent (init_state / step stream one interaction at a time)."""
+    name = ""
+    reads_users = False
+    graph_safe = True
+    recurrent = False
+    scan_backend = ""  # the scan backend of Mamba models ("" for the others)
 
-    def output_embeddings(self):
+    def __init__(self, cfg, catalog):
+        super().__init__()
+        self.config, self.catalog = dict(cfg), catalog
+        self.input_len = cfg["max_len"]  # items the model reads per user (a memory model reads more)
+
+    def output_table(self):
+        """(n_items + 1, d) output vectors; row 0 (padding) is never ranked."""
         return self.item_emb.weight
 
-    def score_next(self, seq):
-        """(b, n_items) scores for items 1..n after the last position of each sequence."""
-        return exact_scores(self(seq)[:, -1], self.output_embeddings()[1:])
+    def score_next(self, batch):
+        """(b, n_items) fp32 scores for items 1..n after the last position of each sequence."""
+        return exact_scores(self(batch).hidden[:, -1], self.output_table()[1:])
+
+    def set_scan_backend(self, name):
+        """Models without a scan ignore it."""
+
+    def init_state(self, batch):
+        raise NotImplementedError(f"{self.name} has no recurrent state: score_next re-reads the window")
+
+    def step(self, state, item, table=None):
+        raise NotImplementedError(f"{self.name} has no recurrent state: score_next re-reads the window")
 
 
 def rms_normalise(x, eps=1e-6):
@@ -983,28 +1282,37 @@ class HolographicMemory(nn.Module):
 
 class HoloMamba(Recommender):
     """Items bound to their attributes (e = item + α · item ⊛ attribute, normalised), then Mamba blocks
-    with pre-norm residuals (and an optional feed-forward sublayer). use_binding=False is the item-only
-    ablation (Mamba-ItemOnly)."""
+    with pre-norm residuals (and an optional feed-forward sublayer). Optional: temporal bundling (bundle_k)
+    and a long-term holographic memory (memory_slots) over memory_len older items."""
+    name, recurrent, use_binding = "HoloMamba", True, True
 
-    def __init__(self, cfg, n_items, item_attributes, n_attributes, use_binding=True):
-        super().__init__()
-        d, self.use_binding, self.bundle_k = cfg["d_model"], use_binding, cfg["bundle_k"]
-        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
-        self.attr_emb = small_init(nn.Embedding(n_attributes + 1, d, padding_idx=0))
-        self.register_buffer("item_attributes", item_attributes, persistent=False)
+    def __init__(self, cfg, catalog):
+        super().__init__(cfg, catalog)
+        d, self.bundle_k = cfg["d_model"], cfg["bundle_k"]
+        self.item_emb = small_init(nn.Embedding(catalog.n_items + 1, d, padding_idx=0))
+        self.attr_emb = small_init(nn.Embedding(catalog.n_attributes + 1, d, padding_idx=0))
+        self.register_buffer("item_attributes", catalog.item_attributes, persistent=False)
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.emb_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg["dropout"])
-        self.mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"], cfg["scan_backend"])
+        self.mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"])
                                     for _ in range(cfg["n_layers"]))
         self.mixer_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"]))
         n_ffn = cfg["n_layers"] if cfg["ffn"] else 0
         self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
         self.ffn_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_ffn))
         self.final_norm = nn.LayerNorm(d)
-        self.max_len, self.aux_loss = cfg["max_len"], None
         self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"]) if cfg["memory_slots"] else None
         self.memory_gate = nn.Linear(d, d) if self.memory else None
+        self.memory_loss = cfg["memory_loss"]
+        if self.memory is not None:
+            self.input_len = cfg["max_len"] + cfg["memory_len"]
+        self.scan_backend = "parallel"
+
+    def set_scan_backend(self, name):
+        self.scan_backend = name
+        for mixer in self.mixers:
+            mixer.use_backend(name)
 
     def item_vectors(self, ids):
         """Holographic item vector item + α · item ⊛ attribute. With several attributes, binding distributes
@@ -1020,7 +1328,7 @@ class HoloMamba(Recommender):
         """Encoder input: the normalised item vector."""
         return self.emb_norm(self.item_vectors(ids))
 
-    def output_embeddings(self):
+    def output_table(self):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
         return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
 
@@ -1031,42 +1339,59 @@ class HoloMamba(Recommender):
                 x = x + self.dropout(self.ffns[i](self.ffn_norms[i](x)))
         return self.final_norm(x)
 
-    def forward(self, seq, k=None):
-        """Hidden states, one per position; with temporal bundling (k > 1, default self.bundle_k) one per
-        window of k items, windows aligned to the end of the sequence."""
-        k = self.bundle_k if k is None else k
-        if k > 1:
-            return self.bundled(seq, k)
+    def forward(self, batch):
+        """One state per position; with temporal bundling (bundle_k > 1) one per window of k items, windows
+        aligned to the end of the sequence; with the memory, the last max_len positions."""
+        if self.bundle_k > 1:
+            return self.bundled(batch, self.bundle_k)
         if self.memory is not None:
-            return self.with_memory(seq)
+            return self.with_memory(batch)
+        seq = batch.items
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
-        return self.encode(self.dropout(self.embed(seq)) * mask, mask)
+        hidden = self.encode(self.dropout(self.embed(seq)) * mask, mask)
+        return Output(hidden, next_targets(batch, hidden.shape[1]))
 
-    def with_memory(self, seq):
-        """The encoder reads the last max_len items; the holographic memory folds in every item of seq
-        (older ones included) and each output adds a gated read of the memory at that position. Returns the
-        last max_len positions; the reconstruction loss is left in self.aux_loss."""
+    def with_memory(self, batch):
+        """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
+        (older ones included) and each output adds a gated read of the memory at that position. The
+        reconstruction loss, weighted by memory_loss, is the auxiliary loss."""
+        seq = batch.items
         e, mask = self.embed(seq), seq.gt(0).to(self.item_emb.weight.dtype)
         memory, key, value = self.memory.write_sequence(e, mask)
-        window = slice(-min(self.max_len, seq.shape[1]), None)
+        window = slice(-min(self.config["max_len"], seq.shape[1]), None)
         m = mask[:, window].unsqueeze(-1)
         hidden = self.encode(self.dropout(e[:, window]) * m, m)
-        self.aux_loss = self.memory.reconstruction_loss(memory, key, value, mask)
+        aux = self.memory_loss * self.memory.reconstruction_loss(memory, key, value, mask)
         recalled = self.memory.read(memory[:, window].to(hidden.dtype), hidden)
-        return hidden + torch.sigmoid(self.memory_gate(hidden)) * recalled
+        hidden = hidden + torch.sigmoid(self.memory_gate(hidden)) * recalled
+        return Output(hidden, next_targets(batch, hidden.shape[1]), aux)
 
-    def bundled(self, seq, k):
+    def bundled(self, batch, k):
         """Temporal bundling: each window of k consecutive item embeddings becomes one token,
         sum_j role_j ⊛ e_j, with role_j the unit impulse at j (binding with it is a cyclic shift, so every
-        position stays recoverable by unbinding). The encoder then reads l / k tokens. A model trained with
-        bundle_k = k learned this input; any other model meets it untrained, at inference only."""
-        b, l = seq.shape
-        seq = F.pad(seq, ((-l) % k, 0))
+        position stays recoverable by unbinding). The encoder then reads l / k tokens, and each state's target
+        is the item after its window's last item. A model trained with bundle_k = k learned this input; any
+        other model meets it untrained, at inference only (see bundling)."""
+        b, l = batch.items.shape
+        seq = F.pad(batch.items, ((-l) % k, 0))
         e = self.embed(seq) * seq.gt(0).unsqueeze(-1)
         windows = e.view(b, -1, k, e.shape[-1])
         tokens = bundle(torch.stack([torch.roll(windows[:, :, j], shifts=j, dims=-1) for j in range(k)], dim=2))
         mask = seq.view(b, -1, k).gt(0).any(-1, keepdim=True).to(e.dtype)
-        return self.encode(self.dropout(tokens) * mask, mask)
+        hidden = self.encode(self.dropout(tokens) * mask, mask)
+        if batch.targets is None:
+            return Output(hidden)
+        last_items, targets = (F.pad(t, ((-l) % k, 0))[:, k - 1::k] for t in (batch.items, batch.targets))
+        return Output(hidden, torch.where(last_items.gt(0), targets, 0))
+
+    @contextlib.contextmanager
+    def bundling(self, k):
+        """Read windows of k items as one token inside the block (k = 1: plain), whatever the model trained on."""
+        trained, self.bundle_k = self.bundle_k, k
+        try:
+            yield self
+        finally:
+            self.bundle_k = trained
 
     def init_state(self, batch):
         """Per-user streaming state: (conv window, SSM state) per layer, plus the memory (S, d) if any."""
@@ -1079,7 +1404,7 @@ class HoloMamba(Recommender):
     def step(self, state, item, table=None):
         """Streaming inference: fold one new item (b,) into the per-user state; returns (scores (b, n_items),
         new state). The attribute comes from the item table, as in the full forward. `table` is
-        output_embeddings()[1:], which a server computes once rather than at every step."""
+        output_table()[1:], which a server computes once rather than at every step."""
         if self.bundle_k > 1:
             raise ValueError("streaming steps are per item; this model was trained with bundle_k > 1")
         x, new_state = self.embed(item), []
@@ -1094,8 +1419,13 @@ class HoloMamba(Recommender):
         if self.memory is not None:
             hidden = hidden + torch.sigmoid(self.memory_gate(hidden)) * self.memory.read(memory, hidden)
             new_state.append(memory)
-        table = self.output_embeddings()[1:] if table is None else table
+        table = self.output_table()[1:] if table is None else table
         return exact_scores(hidden, table), new_state
+
+
+class MambaItemOnly(HoloMamba):
+    """The item-only ablation: HoloMamba with the same parameters, attributes never bound."""
+    name, use_binding = "Mamba-ItemOnly", False
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -1121,19 +1451,21 @@ class CausalSelfAttentionBlock(nn.Module):
 class SASRec(Recommender):
     """Self-attentive sequential recommendation (Kang & McAuley 2018): scaled item embeddings plus
     learned positions, causal self-attention that never attends to padding, tied output embeddings."""
+    name = "SASRec"
 
-    def __init__(self, cfg, n_items, **_):
-        super().__init__()
+    def __init__(self, cfg, catalog):
+        super().__init__(cfg, catalog)
         d = cfg["d_model"]
-        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
+        self.item_emb = small_init(nn.Embedding(catalog.n_items + 1, d, padding_idx=0))
         self.pos_emb = small_init(nn.Embedding(cfg["max_len"], d))
         self.dropout = nn.Dropout(cfg["dropout"])
         self.blocks = nn.ModuleList(CausalSelfAttentionBlock(d, cfg["n_heads"], cfg["dropout"])
                                     for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(d)
 
-    def forward(self, seq):
-        return self.final_norm(self.encode(seq))
+    def forward(self, batch):
+        hidden = self.final_norm(self.encode(batch.items))
+        return Output(hidden, next_targets(batch, hidden.shape[1]))
 
     def encode(self, seq):
         """The residual stream after the last block, before the final norm."""
@@ -1173,27 +1505,30 @@ class RAMRec(SASRec):
     training position retrieves a state that saw its own target p + 1; training windows end before the
     validation item and the bank is read-only in eval mode, so evaluation never reads a state that saw a
     held-out item. Without users, or with no eligible entry, the output is exactly the SASRec encoder's."""
+    name = "RAMRec"
+    reads_users = True
+    graph_safe = False  # the bank changes in place at every training step
 
-    needs_users = True
-    decay = 0.9  # every retention score of a user's bank is multiplied by this at each write to it
-
-    def __init__(self, cfg, n_items, n_users=0, **_):
-        super().__init__(cfg, n_items)
+    def __init__(self, cfg, catalog):
+        super().__init__(cfg, catalog)
         d, slots = cfg["d_model"], cfg["ramrec_slots"]
         self.k_min, self.k_max, self.writes = cfg["ramrec_k_min"], cfg["ramrec_k_max"], cfg["ramrec_writes"]
+        self.decay = cfg["ramrec_decay"]
         self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
         self.out = nn.Linear(d, d, bias=False)  # no bias: an empty read (r = 0) adds exactly nothing
         self.gate = nn.Linear(2 * d, d)
+        n_users = catalog.n_users
         self.register_buffer("bank", torch.zeros(n_users, slots, d))  # stored hidden states
         self.register_buffer("tags", torch.full((n_users, slots), -1))  # absolute position, -1 = empty
         self.register_buffer("usage", torch.zeros(n_users, slots))  # retrievals (decayed)
         self.register_buffer("quality", torch.zeros(n_users, slots))  # mean attention weight received
 
-    def forward(self, seq, users=None, ends=None):
+    def forward(self, batch):
+        seq, users, ends = batch.items, batch.users, batch.ends
         h = self.encode(seq)
         plain = self.final_norm(h)
         if users is None:
-            return plain
+            return Output(plain, next_targets(batch, plain.shape[1]))
         positions = (ends - seq.shape[1])[:, None] + torch.arange(seq.shape[1], device=seq.device)
         with torch.autocast(seq.device.type, enabled=False):  # similarities and fusion in fp32
             h, plain = h.float(), plain.float()
@@ -1201,7 +1536,7 @@ class RAMRec(SASRec):
             out = self.final_norm(h + torch.sigmoid(self.gate(torch.cat([plain, r], -1))) * self.out(r))
         if self.training:
             self.write(users, positions, seq, plain)
-        return out
+        return Output(out, next_targets(batch, out.shape[1]))
 
     def read(self, users, positions, real, query):
         """r (b, l, d): for the state at each position p, attention over the top-K entries of the user's bank
@@ -1256,19 +1591,21 @@ class GRU4Rec(Recommender):
     """GRU over the item sequence (Hidasi et al. 2016, with full cross-entropy). The GRU has no biases, so a
     zero input on a zero state leaves the state at zero: left padding (zero embeddings) is inert without
     packing, which keeps the step free of host synchronisation."""
+    name, recurrent = "GRU4Rec", True
 
-    def __init__(self, cfg, n_items, **_):
-        super().__init__()
+    def __init__(self, cfg, catalog):
+        super().__init__(cfg, catalog)
         d = cfg["d_model"]
-        self.item_emb = small_init(nn.Embedding(n_items + 1, d, padding_idx=0))
+        self.item_emb = small_init(nn.Embedding(catalog.n_items + 1, d, padding_idx=0))
         self.dropout = nn.Dropout(cfg["dropout"])
         self.gru = nn.GRU(d, d, num_layers=cfg["n_layers"], batch_first=True, bias=False)
         self.final_norm = nn.LayerNorm(d)
 
-    def forward(self, seq):
-        with torch.autocast(seq.device.type, enabled=False):  # the recurrence in fp32
-            out, _ = self.gru(self.dropout(self.item_emb(seq)))
-        return self.final_norm(self.dropout(out))
+    def forward(self, batch):
+        with torch.autocast(batch.items.device.type, enabled=False):  # the recurrence in fp32
+            out, _ = self.gru(self.dropout(self.item_emb(batch.items)))
+        hidden = self.final_norm(self.dropout(out))
+        return Output(hidden, next_targets(batch, hidden.shape[1]))
 
     def init_state(self, batch):
         return torch.zeros(self.gru.num_layers, batch, self.gru.hidden_size, device=self.item_emb.weight.device)
@@ -1280,15 +1617,34 @@ class GRU4Rec(Recommender):
         return exact_scores(self.final_norm(out[:, 0]), table), state
 
 
-def build_model(name, cfg, data):
-    kwargs = dict(n_items=data.n_items, item_attributes=data.item_attributes, n_attributes=data.n_attributes)
-    if name in ("HoloMamba", "Mamba-ItemOnly"):
-        return HoloMamba(cfg, use_binding=name == "HoloMamba", **kwargs)
-    return {"SASRec": SASRec, "GRU4Rec": GRU4Rec, "RAMRec": RAMRec}[name](cfg, n_users=data.n_users, **kwargs)
+MODELS = {cls.name: cls for cls in (HoloMamba, MambaItemOnly, SASRec, GRU4Rec, RAMRec)}
+assert tuple(MODELS) == MODEL_NAMES
+
+
+def default_config(data, overrides):
+    """The defaults for data (its preset entry merged when it is a named dataset), with keyword overrides."""
+    name = getattr(data, "name", None)
+    named = name is not None and dataset_names(name) is None and len(as_list(name)) == 1
+    return config(name if named else None, **overrides)
+
+
+def build_model(name, data, cfg=None, device=None, **overrides):
+    """Model `name` (one of MODEL_NAMES) for the catalog of `data` (a SequenceData or a Catalog). cfg defaults
+    to the defaults for data; keyword overrides change keys (build_model("HoloMamba", data, d_model=128)).
+    The scan backend is chosen once, for `device` (default cfg['device']): cfg['scan_backend'], where auto
+    means the mamba-ssm kernel on CUDA when it imports, else the PyTorch parallel scan."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
+    cfg = default_config(data, overrides) if cfg is None else Config(cfg).replace(**overrides)
+    device = pick_device(cfg["device"]) if device is None else torch.device(device)
+    catalog = data.catalog if isinstance(data, SequenceData) else data
+    model = MODELS[name](cfg, catalog)
+    model.set_scan_backend(pick_scan_backend(cfg["scan_backend"], device))
+    return model.to(device)
 
 
 # =====================================================================================================
-# Training and evaluation
+# §6 Training: one loss over Output, an eager and a graphed step, fit -> FitResult
 # =====================================================================================================
 def pick_device(name):
     if name == "auto":
@@ -1315,6 +1671,221 @@ def exact_scores(hidden, table):
         return hidden.float() @ table.float().T
 
 
+def unwrap(model):
+    """The Recommender inside a DistributedDataParallel and/or torch.compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def model_device(model):
+    return next(unwrap(model).parameters()).device
+
+
+def is_main_process():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def popularity_log_q(item_counts, device):
+    """log q(i) of the sampled softmax: training popularity + 1 (padding 0 never drawn)."""
+    counts = item_counts.to(device).double() + 1
+    counts[0] = 0
+    return (counts / counts.sum()).log().float()
+
+
+def next_item_loss(out, table, cfg, item_log_q=None):
+    """Cross-entropy of each state's target (targets 0 carry no loss) plus the model's auxiliary loss: full
+    softmax over all items (no host synchronisation, so the step can be captured in a CUDA graph), or sampled
+    softmax with popularity-sampled negatives and logQ correction (cfg num_negatives > 0)."""
+    hidden, targets = out.hidden, out.targets
+    if cfg["num_negatives"] == 0:
+        logits = (hidden @ table[1:].T).flatten(0, 1).float()
+        return out.aux_loss + F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1,
+                                              label_smoothing=cfg["label_smoothing"])
+    keep = targets.gt(0)
+    hidden, targets = hidden[keep], targets[keep]
+    negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
+    pos = (hidden * table[targets]).sum(-1, keepdim=True) - item_log_q[targets].unsqueeze(1)
+    neg = hidden @ table[negatives].T - item_log_q[negatives]
+    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos, neg], dim=1).float()
+    return out.aux_loss + F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
+
+
+class EagerStep:
+    """One optimisation step: forward, loss, backward, gradient clipping, AdamW (with linear warm-up)."""
+
+    def __init__(self, model, runner, cfg, item_log_q=None, steps_per_epoch=1, optimizer_options=None):
+        self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
+        self.device, self.steps, self.steps_per_epoch = model_device(model), 0, steps_per_epoch
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                           **(optimizer_options or {}))
+
+    def forward_backward(self, batch):
+        with autocast(self.cfg, self.device):
+            loss = next_item_loss(self.runner(batch), self.model.output_table(), self.cfg, self.item_log_q)
+        loss.backward()
+        if self.cfg["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, batch):
+        warmup = self.cfg["warmup_epochs"] * self.steps_per_epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg["lr"] * (min(1.0, (self.steps + 1) / warmup) if warmup else 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return self.forward_backward(batch)
+
+
+class GraphedStep(EagerStep):
+    """The same step captured once as a CUDA graph and replayed, which removes the per-kernel launch cost that
+    dominates small recommenders. The batch shape is then fixed: a short last batch is padded with empty rows
+    (they carry no loss). Fused, capturable AdamW."""
+
+    def __init__(self, model, runner, cfg, item_log_q=None, steps_per_epoch=1):
+        super().__init__(model, runner, cfg, item_log_q, steps_per_epoch, {"fused": True, "capturable": True})
+        self.graph = None
+
+    def __call__(self, batch):
+        if len(batch.items) < self.cfg["batch_size"]:
+            pad = self.cfg["batch_size"] - len(batch.items)
+            batch = Batch(*(None if t is None else F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in batch))
+        if self.graph is None:
+            self.capture(batch)
+        for static, t in zip(self.static, batch):
+            if t is not None:
+                static.copy_(t)
+        self.graph.replay()
+        return self.static_loss.clone()
+
+    def capture(self, batch):
+        """Warm up on a side stream, record the step, then restore the weights and optimizer state the
+        warm-up changed, so training starts exactly where the eager path would."""
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.static = Batch(*(None if t is None else t.clone() for t in batch))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward(self.static)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.forward_backward(self.static)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.optimizer.state.values():
+                for t in state.values():
+                    t.zero_()
+
+
+def graph_blockers(model, runner, cfg, device):
+    """Why the training step cannot be a CUDA graph (empty: it can)."""
+    return [why for why, blocked in (
+        ("not on CUDA", device.type != "cuda"), ("--cuda_graphs=false", not cfg["cuda_graphs"]),
+        ("sampled softmax draws negatives on the host", cfg["num_negatives"] > 0),
+        ("DDP / torch.compile wrapper", runner is not model), ("learning-rate warm-up", cfg["warmup_epochs"] > 0),
+        (f"{model.name} changes its state in place", not model.graph_safe)) if blocked]
+
+
+def make_train_step(model, runner, cfg, item_log_q=None, steps_per_epoch=1):
+    step = GraphedStep if not graph_blockers(model, runner, cfg, model_device(model)) else EagerStep
+    return step(model, runner, cfg, item_log_q, steps_per_epoch)
+
+
+@dataclass
+class FitResult:
+    """What training produced: the best weights (by validation NDCG@10) and one history row per evaluation."""
+    best_state: dict
+    history: list
+    train_seconds: float
+
+    @property
+    def best_epoch(self):
+        return max(self.history, key=lambda h: h["valid_ndcg@10"])["epoch"]
+
+    @property
+    def epochs(self):
+        return self.history[-1]["epoch"]
+
+    @property
+    def stopped_by(self):
+        return self.history[-1]["stopped_by"]
+
+
+def fit(model, data, cfg=None, *, distributed=False, desc="train", **overrides):
+    """Train `model` on data's training windows with AdamW and early stopping on validation NDCG@10; returns a
+    FitResult (the model keeps its last weights: load result.best_state for the best). cfg defaults to the
+    config the model was built with; keyword overrides change training keys (fit(model, data, epochs=5)).
+    With distributed=True under torchrun the model is wrapped in DistributedDataParallel and each rank trains
+    on its share of every epoch's users."""
+    cfg = Config(cfg if cfg is not None else model.config).replace(**overrides)
+    device = model_device(model)
+    windows = TrainingWindows(data, model.input_len, device)
+    valid = data.eval_split("valid", model.input_len, cfg["exclude_seen"], device)
+    runner, world, rank = model, 1, 0
+    if distributed and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if model.reads_users:  # DDP would broadcast rank 0's bank over the others' at every step
+            raise ConfigError(f"{model.name} keeps its per-user memory in one process: run it without torchrun")
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        runner = torch.compile(runner)
+    step = make_train_step(model, runner, cfg, popularity_log_q(data.item_counts, device),
+                           math.ceil(data.n_users / world / cfg["batch_size"]))
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    history, best, best_state, stale = [], -1.0, None, 0
+    train_seconds, start = 0.0, time.perf_counter()
+    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process())
+    for epoch in bar:
+        model.train()
+        epoch_start = time.perf_counter()
+        ends = windows.window_ends(cfg["train_window"], generator)
+        train_x, train_y = windows.cut(ends)
+        order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
+        total = torch.zeros((), device=device)
+        for i in range(0, len(order), cfg["batch_size"]):
+            idx = order[i:i + cfg["batch_size"]]
+            total += step(Batch(train_x[idx], train_y[idx], idx, ends[idx] - 1))  # inputs end one before the window
+        synchronize(device)
+        train_seconds += time.perf_counter() - epoch_start
+        if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
+            continue
+        metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
+        history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
+                        "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
+                        "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+        if not math.isfinite(history[-1]["loss"]):
+            raise RuntimeError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
+                               "lower --lr or raise --grad_clip")
+        if metrics["ndcg@10"] > best:
+            best, stale = metrics["ndcg@10"], 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        reason = ("patience" if stale >= cfg["patience"] else
+                  "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
+                  "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
+        history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
+        if reason:
+            break
+    return FitResult(best_state, history, train_seconds)
+
+
+# =====================================================================================================
+# §7 Evaluation: full ranking of every user's target
+# =====================================================================================================
 def ranks_of_targets(scores, targets):
     """0-based rank of each target among all items (items 1..n in columns 0..n-1); ties count in the
     target's favour only against items with exactly equal score."""
@@ -1346,309 +1917,228 @@ def full_ranking_metrics(ranks, ks=METRIC_KS):
     return out
 
 
-def evaluation_split(data, which, length, cfg, device):
-    """(inputs, targets, seen, ends) of the valid or test split on the device; seen is None unless exclude_seen;
-    ends (U,) is where each user's inputs end in the history (exclusive), for models with needs_users."""
-    inputs, targets = data.split(which, length)
-    seen = data.seen(which) if cfg["exclude_seen"] else None
-    ends = data.train_lengths() + (which == "test")  # valid inputs end at len - 2, test inputs at len - 1
-    return inputs.to(device), targets.to(device), seen and (seen[0].to(device), seen[1]), ends.to(device)
-
-
 @torch.no_grad()
-def target_ranks(model, inputs, targets, cfg, device, seen=None, k=None, ends=None):
-    """Full-ranking rank of every user's target, batched on the device (no per-user loop); the items in
-    `seen` (see evaluation_split) are excluded, k > 1 feeds HoloMamba bundled windows of k items, and a model
-    with needs_users gets the user rows (inputs are in user order) and the `ends` of evaluation_split."""
+def rank_targets(model, split, cfg=None):
+    """Full-ranking rank of every user's target in `split` (an EvalSplit on the model's device), batched on
+    the device (no per-user loop); the split's seen items are excluded. The model scores each user's last
+    state against its whole output table, whatever model it is."""
+    cfg = Config(cfg if cfg is not None else model.config)
     model.eval()
     ranks, batch = [], cfg["eval_batch_size"]
-    with autocast(cfg, device):
-        table = model.output_embeddings()[1:]
-        for i in range(0, len(inputs), batch):
-            seq, args = inputs[i:i + batch], () if k is None else (k,)
-            if ends is not None and unwrap(model).needs_users:
-                args = (torch.arange(i, i + len(seq), device=seq.device), ends[i:i + batch])
-            scores = exact_scores(model(seq, *args)[:, -1], table)
-            if seen is not None:
-                mask_seen(scores, seen, i)
-            ranks.append(ranks_of_targets(scores, targets[i:i + batch]))
+    with autocast(cfg, model_device(model)):
+        table = model.output_table()[1:]
+        for i in range(0, len(split.inputs), batch):
+            rows = slice(i, i + batch)
+            out = model(Batch(split.inputs[rows], users=split.users[rows], ends=split.ends[rows]))
+            scores = exact_scores(out.hidden[:, -1], table)
+            if split.seen is not None:
+                mask_seen(scores, split.seen, i)
+            ranks.append(ranks_of_targets(scores, split.targets[rows]))
     return torch.cat(ranks)
 
 
-def unwrap(model):
-    """The Recommender inside a DistributedDataParallel and/or torch.compile wrapper."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def next_item_loss(model, inputs, targets, cfg, item_log_q=None, users=None, ends=None):
-    """Cross-entropy of the next item at every position that has a real input: full softmax over all items
-    (no host synchronisation, so the step can be captured in a CUDA graph), or sampled softmax with
-    popularity-sampled negatives and logQ correction (cfg num_negatives > 0). users / ends: see RAMRec."""
-    hidden, base = model(inputs) if users is None else model(inputs, users, ends), unwrap(model)
-    table, k = base.output_embeddings(), getattr(base, "bundle_k", 1)
-    if k > 1:  # one state per window of k items: its target is the item after the window's last item
-        inputs, targets = (F.pad(t, ((-t.shape[1]) % k, 0))[:, k - 1::k] for t in (inputs, targets))
-    inputs, targets = inputs[:, -hidden.shape[1]:], targets[:, -hidden.shape[1]:]  # a memory model's window
-    aux = cfg["memory_loss"] * base.aux_loss if getattr(base, "memory", None) is not None else 0.0
-    if cfg["num_negatives"] == 0:
-        labels = torch.where(inputs.gt(0), targets, 0) - 1  # -1: padding, ignored
-        logits = (hidden @ table[1:].T).flatten(0, 1).float()
-        return aux + F.cross_entropy(logits, labels.flatten(), ignore_index=-1, label_smoothing=cfg["label_smoothing"])
-    keep = targets.gt(0) & inputs.gt(0)
-    hidden, targets = hidden[keep], targets[keep]
-    negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
-    pos = (hidden * table[targets]).sum(-1, keepdim=True) - item_log_q[targets].unsqueeze(1)
-    neg = hidden @ table[negatives].T - item_log_q[negatives]
-    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos, neg], dim=1).float()
-    return aux + F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
-
-
-def is_main_process():
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def input_len(cfg, model):
-    """Items fed per user: the encoder's window, plus the older items a memory model folds in."""
-    return cfg["max_len"] + (cfg["memory_len"] if getattr(unwrap(model), "memory", None) is not None else 0)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class TrainStep:
-    """One optimisation step (forward, backward, clipping, AdamW). On CUDA it is captured once as a CUDA
-    graph and replayed, which removes the per-kernel launch cost that dominates small recommenders; the
-    batch shape is then fixed, so a short last batch is padded with empty rows (they carry no loss)."""
-
-    def __init__(self, model, runner, cfg, device, item_log_q):
-        self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
-        self.use_graph = (device.type == "cuda" and cfg["cuda_graphs"] and cfg["num_negatives"] == 0
-                          and runner is model and cfg["warmup_epochs"] == 0
-                          and not model.needs_users)  # a per-user memory changes its bank in place every step
-        extra = {"fused": True, "capturable": True} if self.use_graph else {}
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], **extra)
-        self.device, self.graph, self.steps, self.steps_per_epoch = device, None, 0, 1
-
-    def lr_factor(self):
-        warmup = self.cfg["warmup_epochs"] * self.steps_per_epoch
-        return min(1.0, (self.steps + 1) / warmup) if warmup else 1.0
-
-    def forward_backward(self, x, y, users=None, ends=None):
-        with autocast(self.cfg, self.device):
-            loss = next_item_loss(self.runner, x, y, self.cfg, self.item_log_q, users, ends)
-        loss.backward()
-        if self.cfg["grad_clip"] > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.optimizer.step()
-        return loss.detach()
-
-    def __call__(self, x, y, users=None, ends=None):
-        if not self.use_graph:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg["lr"] * self.lr_factor()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.steps += 1
-            return self.forward_backward(x, y, users, ends)
-        if len(x) < self.cfg["batch_size"]:
-            pad = self.cfg["batch_size"] - len(x)
-            x, y = F.pad(x, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad))
-        if self.graph is None:
-            self.capture(x, y)
-        self.static_x.copy_(x)
-        self.static_y.copy_(y)
-        self.graph.replay()
-        return self.static_loss.clone()
-
-    def capture(self, x, y):
-        """Warm up on a side stream, record the step, then restore the weights and optimizer state the
-        warm-up changed, so training starts exactly where the eager path would."""
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.static_x, self.static_y = x.clone(), y.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.forward_backward(self.static_x, self.static_y)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self.forward_backward(self.static_x, self.static_y)
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(saved[k])
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    t.zero_()
-
-
-def fit(model, data, cfg, device, desc="train", distributed=True):
-    """Train with AdamW and early stopping on validation NDCG@10; restores the best weights and returns the
-    per-evaluation history. Under torchrun (and distributed=True) the model is wrapped in
-    DistributedDataParallel and each rank trains on its share of every epoch's users."""
-    windows = TrainingWindows(data, input_len(cfg, model), device)
-    valid_x, valid_y, valid_seen, valid_ends = evaluation_split(data, "valid", input_len(cfg, model), cfg, device)
-    counts = data.item_counts.to(device).double() + 1
-    counts[0] = 0
-    item_log_q = (counts / counts.sum()).log().float()
-    runner, world, rank = model, 1, 0
-    if distributed and torch.distributed.is_initialized():
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        if model.needs_users:  # DDP would broadcast rank 0's bank over the others' at every step
-            raise ConfigError("RAMRec keeps its per-user memory bank in one process: run it without torchrun")
-        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        runner = torch.compile(runner)
-    step = TrainStep(model, runner, cfg, device, item_log_q)
-    step.steps_per_epoch = math.ceil(data.n_users / world / cfg["batch_size"])
-    generator = torch.Generator().manual_seed(torch.initial_seed())
-    history, best, best_state, stale = [], -1.0, None, 0
-    train_seconds, start = 0.0, time.perf_counter()
-    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process())
-    for epoch in bar:
-        model.train()
-        epoch_start = time.perf_counter()
-        ends = windows.window_ends(cfg["train_window"], generator)
-        train_x, train_y = windows.cut(ends)
-        order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
-        total = torch.zeros((), device=device)
-        for i in range(0, len(order), cfg["batch_size"]):
-            idx = order[i:i + cfg["batch_size"]]
-            user_args = (idx, ends[idx] - 1) if model.needs_users else ()  # inputs end one before the window
-            total += step(train_x[idx], train_y[idx], *user_args)
-        synchronize(device)
-        train_seconds += time.perf_counter() - epoch_start
-        if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
-            continue
-        ranks = target_ranks(model, valid_x, valid_y, cfg, device, valid_seen, ends=valid_ends)
-        metrics = full_ranking_metrics(ranks)
-        history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
-                        "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
-                        "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
-        if not math.isfinite(history[-1]["loss"]):
-            raise RuntimeError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
-                               "lower --lr or raise --grad_clip")
-        if metrics["ndcg@10"] > best:
-            best, stale = metrics["ndcg@10"], 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        reason = ("patience" if stale >= cfg["patience"] else
-                  "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
-                  "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
-        history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
-        if reason:
-            break
-    model.load_state_dict(best_state)
-    return history
+def evaluate(model, data, which="test", cfg=None):
+    """Full-ranking metrics (HR, NDCG, MRR at 5, 10, 20 and the full MRR) of `model` on data's valid or test
+    split; cfg (default: the model's own config) decides exclude_seen and the batch size."""
+    cfg = Config(cfg if cfg is not None else model.config)
+    split = data.eval_split(which, model.input_len, cfg["exclude_seen"], model_device(model))
+    return full_ranking_metrics(rank_targets(model, split, cfg))
 
 
 # =====================================================================================================
-# Runs and result files
+# §8 Runs, checkpoints and result files
 # =====================================================================================================
+# A run is one (dataset, model, seed, run hash). A RunStore, passed to every stage, memoises the prepared
+# datasets and the finished runs of one invocation; a finished run is a small Run record (identity, metrics,
+# history, checkpoint path, per-user ranks), and its module is loaded from the checkpoint only when a stage
+# needs it. Result files are written atomically (a unique temporary name in the target folder, then a
+# rename) and merged under the folder's lock.
 METRIC_COLUMNS = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in METRIC_KS] + ["mrr"]
-_RUN_CACHE = {}
+CHECKPOINT_KEYS = {"model", "config", "catalog", "state_dict"}
 
 
-def config_tag(cfg):
-    """Short hash of the config keys that change a trained model (not outputs, stages or seeds)."""
-    ignore = {"stage", "quick", "models", "seeds", "results_dir", "figures_dir", "checkpoint_dir", "grid_csv",
-              "grid_max_trials", "grid", "resume", "download", "data_dir", "bundle_windows", "compression_len",
-              "cold_user_fraction", "cold_item_max_count", "efficiency_lengths", "efficiency_batch", "efficiency_catalogs",
-              "eval_batch_size", "device", "compile"}
-    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ignore})
-    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+def safe_name(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def train_and_evaluate(cfg, model_name, seed, distributed=True):
-    """One run: train on cfg['dataset'] with early stopping on validation, then evaluate valid and test once
-    with the best weights. Memoised per process, so stages that need the same run share it."""
-    device = pick_device(cfg["device"])
-    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
-    key = (cfg["dataset"], model_name, seed, config_tag(cfg))
-    if key in _RUN_CACHE:
-        return _RUN_CACHE[key]
-    data = load_dataset(cfg)
-    set_seed(seed)
-    model = build_model(model_name, cfg, data).to(device)
-    stored = finished_run(cfg, model_name, seed, key[-1], model) if cfg["resume"] else None
-    if stored:
-        history, seconds = stored["history"], stored["train_seconds"]
-    else:
-        start = time.perf_counter()
-        history = fit(model, data, cfg, device, desc=f"{cfg['dataset']} {model_name} seed {seed}", distributed=distributed)
-        seconds = time.perf_counter() - start
-    ranks = {}
-    for split in ("valid", "test"):
-        inputs, targets, seen, ends = evaluation_split(data, split, input_len(cfg, model), cfg, device)
-        ranks[split] = target_ranks(model, inputs, targets, cfg, device, seen, ends=ends).cpu()
-    best = max(history, key=lambda h: h["valid_ndcg@10"])
-    run = {"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": key[-1],
-           "epochs": history[-1]["epoch"], "stopped_by": history[-1]["stopped_by"], "best_epoch": best["epoch"],
-           "train_seconds": round(seconds, 2), "scan_backend": cfg["scan_backend"] if "Mamba" in model_name else "",
-           "metrics": {s: full_ranking_metrics(r) for s, r in ranks.items()}, "ranks": ranks,
-           "history": history, "module": model, "cfg": cfg}
-    if is_main_process() and not stored:
-        save_checkpoint(model, cfg, run)
-        write_json(Path(cfg["results_dir"]) / "runs" / f"{run_name(run)}.json",
-                   {k: run[k] for k in ("dataset", "model", "seed", "config", "epochs", "stopped_by", "best_epoch",
-                                        "train_seconds", "scan_backend", "metrics", "history", "cfg")})
-        tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
-                   + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run["metrics"].items())
-                   + f" ({seconds:.1f}s, best epoch {run['best_epoch']}, stopped by {run['stopped_by']})")
-    _RUN_CACHE[key] = run
-    return run
-
-
-def run_name(run):
-    return safe_name(f"{run['dataset']}_{run['model']}_seed{run['seed']}_{run['config']}")
-
-
-def finished_run(cfg, model_name, seed, tag, model):
-    """--resume: the stored record of a finished run with this config, its best weights loaded into `model`;
-    None when its checkpoint or record is missing."""
-    name = run_name({"dataset": cfg["dataset"], "model": model_name, "seed": seed, "config": tag})
-    checkpoint = Path(cfg["checkpoint_dir"]) / f"{name}.pt"
-    record = Path(cfg["results_dir"]) / "runs" / f"{name}.json"
-    if not (checkpoint.is_file() and record.is_file()):
-        return None
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
-    tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] resumed from {checkpoint}")
-    return json.loads(record.read_text())
-
-
-def save_checkpoint(model, cfg, run):
-    """Best weights with the config and metrics that describe them (load with weights_only=True)."""
-    path = Path(cfg["checkpoint_dir"]) / f"{run_name(run)}.pt"
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a unique temporary path beside `path`; on success it is renamed over `path`, on failure removed.
+    A crash therefore never leaves half a file, and two writers never share a temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"state_dict": model.state_dict(), "config": cfg, "metrics": run["metrics"], "epoch": run["best_epoch"]}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(path, rows):
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save(model, path, **info):
+    """Save a model as a self-describing checkpoint: its name, full config, catalog (item count, user count,
+    attribute table) and weights, plus any JSON-like `info` (metrics, epoch, history). Load it with load()
+    (torch.load(path, weights_only=True) reads it too)."""
+    catalog = model.catalog
+    payload = {"format": "holomambarec", "version": __version__, "model": model.name, "config": dict(model.config),
+               "catalog": {"n_items": catalog.n_items, "n_users": catalog.n_users, "n_attributes": catalog.n_attributes,
+                           "item_attributes": catalog.item_attributes.cpu()},
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path):
+    """A checkpoint's payload, read with weights_only=True (a pickle that runs code is refused)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint") from None
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable HoloMambaRec checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = CHECKPOINT_KEYS - set(payload) if isinstance(payload, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise DataError(f"{path} is an old-format or foreign checkpoint: it lacks {sorted(missing)}; "
+                        "retrain it with this version of HoloMambaRec")
+    return payload
+
+
+def load(path, device=None):
+    """Rebuild the model saved at `path` (see save) on `device` (default: CUDA when visible), its scan backend
+    chosen again for that device; returned in eval mode."""
+    payload = read_checkpoint(path)
+    device = pick_device("auto" if device is None else str(device))
+    cfg = dict(payload["config"])
+    if cfg.get("scan_backend") == "cuda" and pick_scan_backend("auto", device) != "cuda":
+        cfg["scan_backend"] = "auto"  # trained with the CUDA kernel; the parallel scan computes the same here
+    with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG alone
+        model = build_model(payload["model"], Catalog(**payload["catalog"]), cfg, device)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+@dataclass
+class Run:
+    """A finished run: identity, how training ended, metrics per split, the learning curve, the checkpoint
+    path and the config; `ranks` (per-user target ranks of each split) stays in memory only."""
+    dataset: str
+    model: str
+    seed: int
+    config: str  # run_hash of the config
+    epochs: int
+    stopped_by: str
+    best_epoch: int
+    train_seconds: float
+    scan_backend: str
+    metrics: dict
+    history: list
+    checkpoint: str
+    cfg: dict
+    ranks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self):
+        return run_name(self.dataset, self.model, self.seed, self.config)
+
+    def record(self):
+        return {k: v for k, v in self.__dict__.items() if k != "ranks"}
+
+
+def run_name(dataset, model, seed, tag):
+    return safe_name(f"{dataset}_{model}_seed{seed}_{tag}")
+
+
+class RunStore:
+    """The state of one invocation, passed explicitly to every stage: prepared datasets (memoised by their
+    data key), finished runs (memoised by identity) and the output folders."""
+
+    def __init__(self, cfg):
+        self.cfg = Config(cfg)
+        self.results_dir, self.checkpoint_dir = Path(cfg["results_dir"]), Path(cfg["checkpoint_dir"])
+        self.figures_dir, self.grid_csv = Path(cfg["figures_dir"]), Path(cfg["grid_csv"])
+        self.resume = cfg["resume"]
+        self.datasets, self.runs = {}, {}
+
+    def dataset(self, cfg):
+        """cfg['dataset'] read, filtered and indexed once per data key (data-role keys and source files)."""
+        files = dataset_files(cfg)
+        key = data_key(cfg, files)
+        if key not in self.datasets:
+            self.datasets[key] = prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], files), cfg)
+        return self.datasets[key]
+
+    def run(self, cfg, model_name, seed, distributed=True):
+        """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
+        rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record."""
+        cfg = Config(cfg)
+        key = (cfg["dataset"], model_name, seed, run_hash(cfg))
+        if key in self.runs:
+            return self.runs[key]
+        data, device = self.dataset(cfg), pick_device(cfg["device"])
+        checkpoint = self.checkpoint_dir / f"{run_name(*key)}.pt"
+        record_path = self.results_dir / "runs" / f"{run_name(*key)}.json"
+        set_seed(seed)
+        model = build_model(model_name, data, cfg, device)
+        resumed = self.resume and checkpoint.is_file() and record_path.is_file()
+        if resumed:
+            model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
+            stored = json.loads(record_path.read_text())
+            info = {k: stored[k] for k in ("epochs", "stopped_by", "best_epoch", "train_seconds", "history")}
+            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] resumed from {checkpoint}", file=sys.stderr)
+        else:
+            start = time.perf_counter()
+            result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}")
+            model.load_state_dict(result.best_state)
+            info = {"epochs": result.epochs, "stopped_by": result.stopped_by, "best_epoch": result.best_epoch,
+                    "train_seconds": round(time.perf_counter() - start, 2), "history": result.history}
+        ranks = {split: rank_targets(model, data.eval_split(split, model.input_len, cfg["exclude_seen"], device), cfg).cpu()
+                 for split in ("valid", "test")}
+        run = Run(cfg["dataset"], model_name, seed, key[-1], scan_backend=model.scan_backend,
+                  metrics={s: full_ranking_metrics(r) for s, r in ranks.items()}, checkpoint=str(checkpoint),
+                  cfg=dict(cfg), ranks=ranks, **info)
+        shared = distributed and torch.distributed.is_initialized()  # DDP: every rank holds the same weights
+        if not resumed and (is_main_process() or not shared):
+            save(model, checkpoint, metrics=run.metrics, epoch=run.best_epoch)
+            write_json(record_path, run.record())
+            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
+                       + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run.metrics.items())
+                       + f" ({run.train_seconds:.1f}s, best epoch {run.best_epoch}, stopped by {run.stopped_by})",
+                       file=sys.stderr)
+        if shared:
+            torch.distributed.barrier()  # the checkpoint exists before any rank loads it
+        self.runs[key] = run
+        return run
+
+    def model(self, run, device=None):
+        """The best weights of a finished run, loaded from its checkpoint (kept only while the caller holds it)."""
+        return load(run.checkpoint, run.cfg["device"] if device is None else device)
 
 
 def metric_rows(run, **extra):
     """One results row per split of a run: dataset, model, seed, split, metrics, and provenance."""
-    return [{"dataset": run["dataset"], "model": run["model"], "seed": run["seed"], "split": split,
-             **{c: round(m[c], 6) for c in METRIC_COLUMNS}, **extra, "config": run["config"],
-             "epochs": run["epochs"], "stopped_by": run["stopped_by"], "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]}
-            for split, m in run["metrics"].items()]
-
-
-def write_csv(path, rows):
-    """Write rows atomically (temporary file, then rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    return [{"dataset": run.dataset, "model": run.model, "seed": run.seed, "split": split,
+             **{c: round(m[c], 6) for c in METRIC_COLUMNS}, **extra, "config": run.config,
+             "epochs": run.epochs, "stopped_by": run.stopped_by, "best_epoch": run.best_epoch,
+             "train_seconds": run.train_seconds}
+            for split, m in run.metrics.items()]
 
 
 def append_csv_row(path, row):
@@ -1672,14 +2162,6 @@ def append_csv_row(path, row):
         csv.DictWriter(fh, fieldnames=columns).writerow(row)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def markdown_table(df, columns):
@@ -1730,70 +2212,74 @@ def upsert_csv(path, rows, key):
 
 
 # =====================================================================================================
-# Experiments
+# §9 Stages: stage(store, configs) -> rows
 # =====================================================================================================
-# Each stage resolves the config per dataset, asks train_and_evaluate for the runs it needs (shared
-# through the in-process cache), writes its results as files, and leaves figures to the plotting section.
-def datasets_of(overrides):
-    return as_list(resolve_config(overrides)["dataset"])
+# `configs` holds one resolved Config per dataset of the invocation; store.cfg is the invocation's own
+# (dataset-less) config. A stage asks the store for the runs it needs (shared between stages through the
+# store), writes its results as files, and leaves figures to §10.
+PAPER_SEQUENCE = ("benchmark", "ablation", "grid", "compression")
+MEMORY_STAGE_SLOTS = 8  # memory stage: slots of the window + memory variant when --memory_slots is 0
 
 
-def seeds_of(cfg):
+def seeds(cfg):
     return as_list(cfg["seeds"], int)
 
 
-def record_runs(cfg, runs, name):
+def record_runs(store, runs, name, preset):
     """Upsert the runs' metric rows into results/<name>.csv and their learning curves into history.csv."""
-    rows = [r for run in runs for r in metric_rows(run, preset=cfg["preset"])]
-    key = ["dataset", "model", "seed", "split", "preset", "config"]
-    table = upsert_csv(Path(cfg["results_dir"]) / f"{name}.csv", rows, key)
-    curves = [{"dataset": run["dataset"], "model": run["model"], "seed": run["seed"], "preset": cfg["preset"],
-               "config": run["config"], **h} for run in runs for h in run["history"]]
-    upsert_csv(Path(cfg["results_dir"]) / "history.csv", curves, ["dataset", "model", "seed", "preset", "config", "epoch"])
+    rows = [r for run in runs for r in metric_rows(run, preset=preset)]
+    table = upsert_csv(store.results_dir / f"{name}.csv", rows, ["dataset", "model", "seed", "split", "preset", "config"])
+    curves = [{"dataset": run.dataset, "model": run.model, "seed": run.seed, "preset": preset, "config": run.config, **h}
+              for run in runs for h in run.history]
+    upsert_csv(store.results_dir / "history.csv", curves, ["dataset", "model", "seed", "preset", "config", "epoch"])
     return table
 
 
-def benchmark_stage(overrides):
+def benchmark_stage(store, configs):
     """Every model of cfg['models'] on every dataset and seed; results/benchmark.csv, accuracy.csv, .md."""
-    runs = []
-    for dataset in datasets_of(overrides):
-        cfg = resolve_config(overrides, dataset)
-        runs += [train_and_evaluate(cfg, m, s) for m in as_list(cfg["models"]) for s in seeds_of(cfg)]
-    cfg = resolve_config(overrides)
-    table = record_runs(cfg, runs, "benchmark")
-    table = table[table["preset"] == cfg["preset"]]
-    write_csv(Path(cfg["results_dir"]) / "accuracy.csv",
+    runs = [store.run(cfg, m, s) for cfg in configs for m in as_list(cfg["models"]) for s in seeds(cfg)]
+    if not is_main_process():  # under DDP every rank holds the same runs; one writes them
+        return [r for run in runs for r in metric_rows(run)]
+    preset = store.cfg["preset"]
+    table = record_runs(store, runs, "benchmark", preset)
+    table = table[table["preset"] == preset]
+    write_csv(store.results_dir / "accuracy.csv",
               table[["dataset", "model", "seed", "split"] + [c for c in METRIC_COLUMNS if "mrr@" not in c]].to_dict("records"))
     summary = summarise(table.to_dict("records"))
-    text = (f"# Benchmark (preset `{cfg['preset']}`, mean ± std over seeds)\n\n"
+    text = (f"# Benchmark (preset `{preset}`, mean ± std over seeds)\n\n"
             + markdown_table(summary, ["dataset", "model", "split", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "seeds"]))
-    (Path(cfg["results_dir"]) / f"benchmark_{cfg['preset']}.md").write_text(text)
+    write_text(store.results_dir / f"benchmark_{preset}.md", text)
     print(text)
-    return runs
+    return [r for run in runs for r in metric_rows(run)]
 
 
-def ablation_stage(overrides):
+def ablation_stage(store, configs):
     """Holographic binding vs the item-only Mamba on every dataset and seed; results/ablation.csv."""
-    runs = []
-    for dataset in datasets_of(overrides):
-        cfg = resolve_config(overrides, dataset)
-        runs += [train_and_evaluate(cfg, m, s) for m in ("HoloMamba", "Mamba-ItemOnly") for s in seeds_of(cfg)]
-    record_runs(resolve_config(overrides), runs, "ablation")
-    return runs
+    runs = [store.run(cfg, m, s) for cfg in configs for m in ("HoloMamba", "Mamba-ItemOnly") for s in seeds(cfg)]
+    if is_main_process():
+        record_runs(store, runs, "ablation", store.cfg["preset"])
+    return [r for run in runs for r in metric_rows(run)]
 
 
 def parse_grid(text):
-    """--grid="key=v1,v2;key=v1" -> {key: [values]} typed like GLOBAL_CONFIG; empty text -> GRID."""
-    if not text.strip():
-        return GRID
+    """--grid="key=v1,v2;key=v1" -> {key: [values]} typed like GLOBAL_CONFIG. Only keys that change a trained
+    model (data, model and training roles, not the dataset itself) can be searched, each once."""
     grid = {}
     for part in filter(str.strip, text.split(";")):
         key, sep, values = part.strip().partition("=")
+        key = key.strip()
         if not sep or not as_list(values):
             raise ConfigError(f"--grid: '{part}' is not key=value1,value2")
         if key not in GLOBAL_CONFIG:
             raise ConfigError(f"--grid: unknown config key '{key}' (python HoloMambaRec.py --help lists the keys)")
-        grid[key] = [parse_value(key, v) for v in as_list(values)]
+        if CONFIG_TABLE[key].role not in HASHED_ROLES or key == "dataset":
+            raise ConfigError(f"--grid: '{key}' is a {CONFIG_TABLE[key].role} key; a grid searches data, model and "
+                              "training keys")
+        if key in grid:
+            raise ConfigError(f"--grid: '{key}' appears twice")
+        grid[key] = [coerce(key, v) for v in as_list(values)]
+    if not grid:
+        raise ConfigError("--grid is empty: give key=v1,v2;key=v1,...")
     return grid
 
 
@@ -1803,29 +2289,26 @@ def grid_trials(cfg):
     return trials[:cfg["grid_max_trials"]] if cfg["grid_max_trials"] else trials
 
 
-def grid_stage(overrides):
-    """HoloMamba over GRID on every dataset (first seed). Each finished trial is appended to grid_csv at
-    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun, trials are dealt
-    out across ranks (one GPU each). Selection is on validation NDCG@10; test is reported beside it."""
+def grid_stage(store, configs):
+    """HoloMamba over the grid on every dataset (first seed). Each finished trial is appended to grid_csv at
+    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun, trials are dealt out
+    across ranks (one GPU each). Selection is on validation NDCG@10; test is reported beside it."""
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
         if torch.distributed.is_initialized() else (1, 0)
-    best = {}
-    for dataset in datasets_of(overrides):
-        base = resolve_config(overrides, dataset)
-        path = Path(base["grid_csv"])
+    best, path = {}, store.grid_csv
+    for cfg in configs:
+        dataset = cfg["dataset"]
         done = set(pd.read_csv(path)["trial"].astype(str)) if path.is_file() else set()
-        trials = grid_trials(base)
-        for i, trial in enumerate(tqdm(trials, desc=f"grid {dataset}", disable=not is_main_process())):
-            cfg = dict(base, **trial)
-            validate_config(cfg)
-            trial_key = f"{dataset}|{config_tag(cfg)}"
+        for i, trial in enumerate(tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process())):
+            trial_cfg = cfg.replace(**trial)
+            trial_key = f"{dataset}|{run_hash(trial_cfg)}"
             if i % world != rank or trial_key in done:
                 continue
-            run = train_and_evaluate(cfg, "HoloMamba", seeds_of(cfg)[0], distributed=False)
+            run = store.run(trial_cfg, "HoloMamba", seeds(cfg)[0], distributed=False)
             append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial,
-                                  **{f"valid_{c}": round(run["metrics"]["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
-                                  **{f"test_{c}": round(run["metrics"]["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
-                                  "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]})
+                                  **{f"valid_{c}": round(run.metrics["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                                  **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                                  "best_epoch": run.best_epoch, "train_seconds": run.train_seconds})
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         table = pd.read_csv(path)
@@ -1834,17 +2317,17 @@ def grid_stage(overrides):
             top = table.loc[table["valid_ndcg@10"].idxmax()]
             best[dataset] = {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()}
     if is_main_process():
-        write_json(Path(resolve_config(overrides)["results_dir"]) / "grid_best.json", best)
+        write_json(store.results_dir / "grid_best.json", best)
         for dataset, row in best.items():
             print(f"grid best on {dataset} (by validation NDCG@10): "
-                  + ", ".join(f"{k}={row[k]}" for k in parse_grid(resolve_config(overrides)["grid"])) + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
-    return best
+                  + ", ".join(f"{k}={row[k]}" for k in parse_grid(store.cfg["grid"]) if k in row)
+                  + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
+    return list(best.values())
 
 
 class PeakMemory:
     """Peak memory of a block: GPU max_memory_allocated, or the process's peak RSS (VmHWM, reset first).
-    added_mb is the GPU peak above what was allocated on entry (weights of models kept in the run cache
-    excluded): the working memory of the block itself."""
+    added_mb is the GPU peak above what was allocated on entry: the working memory of the block itself."""
 
     def __init__(self, device):
         self.device, self.mb, self.added_mb = device, float("nan"), float("nan")
@@ -1885,45 +2368,45 @@ def timed(fn, device, repeats=5, warmup=1):
     return float(np.median(times))
 
 
-def compression_stage(overrides):
+def compression_stage(store, configs):
     """Accuracy / latency / memory of temporal bundling windows k on long histories, untrained (the model
     trained without bundling meets bundled input at inference, as in the paper) and trained (bundle_k = k
     in training), plus the cold-start slices (short-history users, rarely seen target items) of every
     benchmark model. Writes results/compression.csv and results/cold_start.csv."""
     rows, cold = [], []
-    for dataset in datasets_of(overrides):
-        cfg = resolve_config(overrides, dataset)
-        seed, device, data = seeds_of(cfg)[0], pick_device(cfg["device"]), load_dataset(cfg)
-        plain = train_and_evaluate(dict(cfg, bundle_k=1), "HoloMamba", seed)["module"]
+    for cfg in configs:
+        seed, data = seeds(cfg)[0], store.dataset(cfg)
+        plain = store.model(store.run(cfg.replace(bundle_k=1), "HoloMamba", seed))
         for k in as_list(cfg["bundle_windows"], int):
-            rows.append(bundling_row(plain, cfg, data, k, "untrained" if k > 1 else "none", device))
+            rows.append(bundling_row(plain, cfg, data, k, "untrained" if k > 1 else "none"))
             if k > 1:
-                trained = train_and_evaluate(dict(cfg, bundle_k=k), "HoloMamba", seed)["module"]
-                rows.append(bundling_row(trained, cfg, data, k, "trained", device))
-        cold += cold_start_rows(cfg, data, [train_and_evaluate(cfg, m, seed) for m in as_list(cfg["models"])])
-    cfg = resolve_config(overrides)
-    write_csv(Path(cfg["results_dir"]) / "compression.csv", rows)
-    write_csv(Path(cfg["results_dir"]) / "cold_start.csv", cold)
+                trained = store.model(store.run(cfg.replace(bundle_k=k), "HoloMamba", seed))
+                rows.append(bundling_row(trained, cfg, data, k, "trained"))
+        cold += cold_start_rows(cfg, data, [store.run(cfg, m, seed) for m in as_list(cfg["models"])])
+    write_csv(store.results_dir / "compression.csv", rows)
+    write_csv(store.results_dir / "cold_start.csv", cold)
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame(cold).to_string(index=False))
-    return rows, cold
+    return rows + cold
 
 
-def bundling_row(model, cfg, data, k, training, device):
+def bundling_row(model, cfg, data, k, training):
     """Test accuracy, latency of ranking every user, tokens/s and peak memory of `model` reading the last
     compression_len items bundled by k."""
-    inputs, targets, seen, _ = evaluation_split(data, "test", cfg["compression_len"], cfg, device)
+    device = model_device(model)
+    split = data.eval_split("test", cfg["compression_len"], cfg["exclude_seen"], device)
 
     def rank_all():
-        return target_ranks(model, inputs, targets, cfg, device, seen, k)
+        with model.bundling(k):
+            return rank_targets(model, split, cfg)
 
     with PeakMemory(device) as peak:
         metrics = full_ranking_metrics(rank_all().cpu())
     seconds = timed(rank_all, device, repeats=3)
-    return {"dataset": data.name, "model": "HoloMamba", "k": k, "bundling": training,
+    return {"dataset": data.name, "model": model.name, "k": k, "bundling": training,
             "history_len": cfg["compression_len"], "tokens_per_user": math.ceil(cfg["compression_len"] / k),
             "hr@10": metrics["hr@10"], "ndcg@10": metrics["ndcg@10"], "mrr": metrics["mrr"],
-            "latency_ms": 1000 * seconds, "tokens_per_s": len(inputs) * cfg["compression_len"] / seconds,
+            "latency_ms": 1000 * seconds, "tokens_per_s": len(split.inputs) * cfg["compression_len"] / seconds,
             "ranking_mem_mb": peak.added_mb if device.type == "cuda" else peak.mb, "device": str(device)}
 
 
@@ -1931,16 +2414,15 @@ def cold_start_rows(cfg, data, runs):
     """Test metrics of each run on the cold slices, from its stored per-user ranks."""
     lengths = data.train_lengths()
     short = lengths <= torch.quantile(lengths.double(), cfg["cold_user_fraction"]).item()
-    _, targets = data.split("test", 1)
-    rare = data.item_counts[targets] <= cfg["cold_item_max_count"]
+    rare = data.item_counts[data.eval_split("test", 1, exclude_seen=False).targets] <= cfg["cold_item_max_count"]
     slices = {"short-history users": short, "rare target items": rare}
-    return [dict(row, model=run["model"]) for run in runs for row in slice_metrics(run, data.name, slices)]
+    return [dict(row, model=run.model) for run in runs for row in slice_metrics(run, data.name, slices)]
 
 
 def slice_metrics(run, dataset, slices):
     """Test HR@10, NDCG@10 and MRR of a run on all users and on each non-empty slice (boolean user masks),
     from the per-user ranks it stored: no re-evaluation."""
-    ranks = run["ranks"]["test"]
+    ranks = run.ranks["test"]
     slices = {"all users": torch.ones_like(ranks, dtype=torch.bool), **slices}
     rows = []
     for name, mask in slices.items():
@@ -1951,80 +2433,76 @@ def slice_metrics(run, dataset, slices):
     return rows
 
 
-def efficiency_stage(overrides):
+def efficiency_stage(store, configs):
     """Training throughput, peak memory, batch inference latency and streaming step latency of HoloMamba,
     SASRec and GRU4Rec across sequence lengths; full vs sampled softmax across catalog sizes; and the ML-1M
-    epoch time and time to validation NDCG@10 >= 0.15 when ML-1M is available. results/efficiency*.csv."""
-    cfg = resolve_config(overrides)
+    epoch time and time to validation NDCG@10 >= efficiency_target_ndcg when ML-1M is among the datasets.
+    results/efficiency*.csv."""
+    cfg = store.cfg
     device = pick_device(cfg["device"])
-    cfg = dict(cfg, scan_backend=pick_scan_backend(cfg["scan_backend"], device))
     rows = []
     for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
         for name in ("HoloMamba", "SASRec", "GRU4Rec"):
-            rows.append(measure_model(name, dict(cfg, max_len=length), n_items=3416, device=device))
-    write_csv(Path(cfg["results_dir"]) / "efficiency.csv", rows)
-    catalog = [measure_catalog(dict(cfg, max_len=50, num_negatives=negatives), n, device)
-               for n in as_list(cfg["efficiency_catalogs"], int) for negatives in (0, 256)]
-    write_csv(Path(cfg["results_dir"]) / "efficiency_catalog.csv", [r for r in catalog if r])
+            rows.append(measure_model(name, cfg.replace(max_len=length), device))
+    write_csv(store.results_dir / "efficiency.csv", rows)
+    catalog = [measure_catalog(cfg.replace(max_len=50, num_negatives=negatives), n, device)
+               for n in as_list(cfg["efficiency_catalogs"], int) for negatives in (0, cfg["efficiency_negatives"])]
+    write_csv(store.results_dir / "efficiency_catalog.csv", [r for r in catalog if r])
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame([r for r in catalog if r]).to_string(index=False))
-    if "ml-1m" in as_list(cfg["dataset"]):
-        time_to_quality(overrides, device)
-    return rows
+    for dataset_cfg in configs:
+        if dataset_cfg["dataset"] == "ml-1m":
+            time_to_quality(store, dataset_cfg, device)
+    return rows + [r for r in catalog if r]
 
 
-def time_to_quality(overrides, device, threshold=0.15):
-    """ML-1M, HoloMamba (L=200, d=64, 2 layers): seconds per training epoch, seconds to rank all users on
-    validation, and wall seconds until validation NDCG@10 first reaches `threshold`."""
-    cfg = resolve_config(dict(overrides, max_len=200, d_model=64, n_layers=2, stop_at_ndcg=threshold), "ml-1m")
-    run = train_and_evaluate(cfg, "HoloMamba", seeds_of(cfg)[0])
-    last = run["history"][-1]
-    reached = next((h for h in run["history"] if h["valid_ndcg@10"] >= threshold), None)
-    inputs, targets, seen, _ = evaluation_split(load_dataset(cfg), "valid", cfg["max_len"], cfg, device)
-    summary = {"device": str(device), "scan_backend": run["scan_backend"], "epochs": last["epoch"],
+def time_to_quality(store, cfg, device):
+    """HoloMamba under the dataset's config: seconds per training epoch, seconds to rank all users on validation,
+    and wall seconds until validation NDCG@10 first reaches efficiency_target_ndcg."""
+    threshold = cfg["efficiency_target_ndcg"]
+    cfg = cfg.replace(stop_at_ndcg=threshold)
+    run = store.run(cfg, "HoloMamba", seeds(cfg)[0])
+    last = run.history[-1]
+    reached = next((h for h in run.history if h["valid_ndcg@10"] >= threshold), None)
+    model = store.model(run, device)
+    split = store.dataset(cfg).eval_split("valid", model.input_len, cfg["exclude_seen"], device)
+    summary = {"device": str(device), "scan_backend": run.scan_backend, "epochs": last["epoch"],
                "ml1m_epoch_seconds": last["train_seconds"] / last["epoch"],
-               "ml1m_eval_all_users_seconds": timed(lambda: target_ranks(run["module"], inputs, targets, cfg, device, seen), device),
+               "ml1m_eval_all_users_seconds": timed(lambda: rank_targets(model, split, cfg), device),
                f"seconds_to_valid_ndcg10_{threshold}": reached["seconds"] if reached else None}
-    write_json(Path(cfg["results_dir"]) / "efficiency_ml1m.json", summary)
+    write_json(store.results_dir / "efficiency_ml1m.json", summary)
     print(json.dumps(summary))
     return summary
 
 
-def catalog_only(n_items, n_attributes=50):
-    """A SequenceData with a catalog (items with attribute id % 50) and no users: enough to build a model."""
-    attributes = (torch.arange(n_items + 1) % n_attributes + 1).unsqueeze(1)
-    attributes[0] = 0
-    return SequenceData("synthetic", 0, n_items, n_attributes, 0, attributes, [], torch.ones(n_items + 1, dtype=torch.long))
-
-
 def fake_batch(n_items, batch, length, device, generator=None):
     seq = torch.randint(1, n_items + 1, (batch, length + 1), generator=generator).to(device)
-    return seq[:, :-1], seq[:, 1:]
+    return Batch(seq[:, :-1], seq[:, 1:])
 
 
-def measure_model(name, cfg, n_items, device):
-    """One row of the efficiency table for one model at one sequence length."""
+def measure_model(name, cfg, device):
+    """One row of the efficiency table for one model at one sequence length (catalog of efficiency_items)."""
     set_seed(0)
-    model = build_model(name, cfg, catalog_only(n_items)).to(device)
-    inputs, targets = fake_batch(n_items, cfg["efficiency_batch"], cfg["max_len"], device)
-    train_s, peak_mb = measure_training(model, cfg, inputs, targets, device)
+    n_items = cfg["efficiency_items"]
+    model = build_model(name, catalog_only(n_items), cfg, device)
+    batch = fake_batch(n_items, cfg["efficiency_batch"], cfg["max_len"], device)
+    train_s, peak_mb = measure_training(model, cfg, batch)
     model.eval()
     with torch.no_grad(), autocast(cfg, device):
-        infer_s = timed(lambda: model.score_next(inputs), device, repeats=3)
-        step_ms = streaming_step_ms(model, inputs[:1], device)
+        infer_s = timed(lambda: model.score_next(Batch(batch.items)), device, repeats=3)
+        step_ms = streaming_step_ms(model, batch.items[:1], device)
     return {"model": name, "max_len": cfg["max_len"], "batch": cfg["efficiency_batch"], "device": str(device),
-            "scan_backend": cfg["scan_backend"] if "Mamba" in name else "",
-            "train_seqs_per_s": cfg["efficiency_batch"] / train_s, "train_peak_mem_mb": peak_mb,
-            "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms,
-            "stream_mode": "recurrent state" if hasattr(model, "step") else "recompute window"}
+            "scan_backend": model.scan_backend, "train_seqs_per_s": cfg["efficiency_batch"] / train_s,
+            "train_peak_mem_mb": peak_mb, "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms,
+            "stream_mode": "recurrent state" if model.recurrent else "recompute window"}
 
 
 def streaming_step_ms(model, history, device, steps=20):
     """Median latency of scoring one new interaction for one user after `history`: a recurrent O(1) step
     for models with a state, a forward over the whole window otherwise."""
-    if not hasattr(model, "step"):
-        return 1000 * timed(lambda: model.score_next(history), device, repeats=steps)
-    state, table = model.init_state(1), model.output_embeddings()[1:]
+    if not model.recurrent:
+        return 1000 * timed(lambda: model.score_next(Batch(history)), device, repeats=steps)
+    state, table = model.init_state(1), model.output_table()[1:]
     for t in range(history.shape[1]):  # prefill the state item by item
         _, state = model.step(state, history[:, t], table)
     item = history[:, -1]
@@ -2039,147 +2517,176 @@ def measure_catalog(cfg, n_items, device):
     if cfg["num_negatives"] == 0 and logits_gb > (20 if device.type == "cuda" else 4):
         return None
     generator = torch.Generator().manual_seed(0)
-    model = build_model("HoloMamba", cfg, catalog_only(n_items)).to(device)
-    inputs, targets = fake_batch(n_items, batch, cfg["max_len"], device, generator)
+    model = build_model("HoloMamba", catalog_only(n_items), cfg, device)
     log_q = torch.full((n_items + 1,), -math.log(n_items), device=device)
     log_q[0] = -float("inf")
-    step_s, peak_mb = measure_training(model, cfg, inputs, targets, device, log_q)
+    step_s, peak_mb = measure_training(model, cfg, fake_batch(n_items, batch, cfg["max_len"], device, generator), log_q)
     return {"n_items": n_items, "softmax": "full" if cfg["num_negatives"] == 0 else f"sampled ({cfg['num_negatives']})",
             "step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "device": str(device)}
 
 
-def measure_training(model, cfg, inputs, targets, device, item_log_q=None):
+def measure_training(model, cfg, batch, item_log_q=None):
     """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next."""
-    step = TrainStep(model, model, cfg, device, item_log_q)
+    step = make_train_step(model, model, cfg, item_log_q)
     model.train()
-    with PeakMemory(device) as peak:
-        step(inputs, targets)
-    return timed(lambda: step(inputs, targets), device, repeats=3), peak.mb
+    with PeakMemory(model_device(model)) as peak:
+        step(batch)
+    return timed(lambda: step(batch), model_device(model), repeats=3), peak.mb
 
 
-def memory_stage(overrides):
+def memory_stage(store, configs):
     """HoloMamba three ways on every dataset: the max_len window alone, the same window plus the holographic
     memory over memory_len older items, and one window over max_len + memory_len items. Test metrics on all
     users and on users with more than long_history training items; bytes of per-user state. results/memory.csv."""
     rows = []
-    for dataset in datasets_of(overrides):
-        cfg = resolve_config(overrides, dataset)
+    for cfg in configs:
         if cfg["memory_len"] == 0:
             raise ConfigError("--stage=memory needs --memory_len > 0 (the older items the memory folds in)")
-        data, seed = load_dataset(cfg), seeds_of(cfg)[0]
+        data, seed = store.dataset(cfg), seeds(cfg)[0]
         long = data.train_lengths() > cfg["long_history"]
-        variants = {"window": dict(cfg, memory_slots=0),
-                    "window + memory": dict(cfg, memory_slots=cfg["memory_slots"] or 8),
-                    "full window": dict(cfg, memory_slots=0, max_len=cfg["max_len"] + cfg["memory_len"])}
+        variants = {"window": cfg.replace(memory_slots=0),
+                    "window + memory": cfg.replace(memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS),
+                    "full window": cfg.replace(memory_slots=0, max_len=cfg["max_len"] + cfg["memory_len"])}
         for name, variant in variants.items():
-            run = train_and_evaluate(variant, "HoloMamba", seed)
-            state = run["module"].init_state(1)
-            state_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(state))
-            rows += [dict(row, variant=name, encoder_window=variant["max_len"],
-                          items_read=input_len(variant, run["module"]), recurrent_state_bytes=state_bytes,
-                          train_seconds=run["train_seconds"])
-                     for row in slice_metrics(run, dataset, {f"> {cfg['long_history']} items": long})]
-    write_csv(Path(resolve_config(overrides)["results_dir"]) / "memory.csv", rows)
+            run = store.run(variant, "HoloMamba", seed)
+            model = store.model(run)
+            state_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(model.init_state(1)))
+            rows += [dict(row, variant=name, encoder_window=variant["max_len"], items_read=model.input_len,
+                          recurrent_state_bytes=state_bytes, train_seconds=run.train_seconds)
+                     for row in slice_metrics(run, cfg["dataset"], {f"> {cfg['long_history']} items": long})]
+    write_csv(store.results_dir / "memory.csv", rows)
     print(pd.DataFrame(rows).to_string(index=False))
     return rows
 
 
-def stats_stage(overrides):
+def stats_stage(store, configs):
     """Print each dataset after filtering as one JSON line."""
-    for dataset in datasets_of(overrides):
-        print(json.dumps(load_dataset(resolve_config(overrides, dataset)).stats()))
+    rows = [store.dataset(cfg).stats() for cfg in configs]
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+STAGES = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
+          "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
+          "stats": stats_stage}
+assert tuple(STAGES) == STAGE_NAMES
 
 
 # =====================================================================================================
-# Figures (drawn from the saved result files, never by re-training)
+# §10 Figures: (result file -> drawing function), drawn from saved results, never by re-training
 # =====================================================================================================
+def draw_learning_curves(table, cfg, plt):
+    table = table[table["preset"] == cfg["preset"]]
+    for dataset, part in table.groupby("dataset"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for colour, (model, runs) in enumerate(part.groupby("model")):
+            for i, (seed, curve) in enumerate(runs.groupby("seed")):
+                ax.plot(curve["epoch"], curve["valid_ndcg@10"], color=f"C{colour}", lw=1,
+                        label=f"{model} ({runs['seed'].nunique()} seeds)" if i == 0 else None)
+        ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"Learning curves: {dataset}")
+        ax.legend(fontsize=8)
+        yield fig, f"learning_curves_{safe_name(dataset)}.png"
+
+
+def draw_ablation(table, cfg, plt):
+    table = table[(table["split"] == "test") & (table["preset"] == cfg["preset"])]
+    if len(table):
+        means = table.groupby(["dataset", "model"])["ndcg@10"].agg(["mean", "std"]).unstack("model")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        means["mean"].plot.bar(yerr=means["std"].fillna(0), ax=ax, rot=0)
+        ax.set(ylabel="test NDCG@10", title="Ablation: holographic binding vs item-only")
+        yield fig, "ablation.png"
+
+
+def draw_compression(table, cfg, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (dataset, training), part in table.groupby(["dataset", "bundling"]):
+        if training == "none":
+            continue
+        base = table[(table["dataset"] == dataset) & (table["bundling"] == "none")]
+        part = pd.concat([base, part]).sort_values("k")
+        axes[0].plot(part["k"], part["ndcg@10"], "o-", label=f"{dataset}, {training}")
+        axes[1].plot(part["k"], part["latency_ms"], "o-", label=f"{dataset}, {training}")
+    axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", title="Accuracy")
+    axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", title="Latency")
+    for ax in axes:
+        ax.set_xticks(sorted(table["k"].unique()))
+    axes[0].legend()
+    yield fig, "compression.png"
+
+
+def draw_efficiency(table, cfg, plt):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for model, part in table.groupby("model"):
+        axes[0].plot(part["max_len"], part["train_peak_mem_mb"], "o-", label=model)
+        axes[1].plot(part["max_len"], part["batch_infer_ms"], "o-", label=model)
+        axes[2].plot(part["max_len"], part["stream_step_ms"], "o-", label=model)
+    for ax, label in zip(axes, ("training peak memory (MB)", "batch inference (ms)", "one new interaction (ms)")):
+        ax.set(xlabel="sequence length L", ylabel=label, xscale="log", yscale="log")
+    axes[0].legend()
+    yield fig, "efficiency.png"
+
+
+def draw_grid(table, cfg, plt):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dataset, part in table.groupby("dataset"):
+        ax.scatter(part["valid_ndcg@10"], part["test_ndcg@10"], label=dataset)
+    ax.set(xlabel="validation NDCG@10", ylabel="test NDCG@10", title="Grid search trials")
+    ax.legend()
+    yield fig, "grid_search.png"
+
+
+FIGURES = [  # (path of the result file given the config, drawing function)
+    (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_learning_curves),
+    (lambda cfg: Path(cfg["results_dir"]) / "ablation.csv", draw_ablation),
+    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_compression),
+    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_efficiency),
+    (lambda cfg: Path(cfg["grid_csv"]), draw_grid),
+]
+
+
 def plot_figures(cfg):
-    """Draw every figure whose result file exists; returns the paths written."""
+    """Draw every figure whose result file exists into cfg['figures_dir']; returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results, figures = Path(cfg["results_dir"]), Path(cfg["figures_dir"])
-    figures.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(figures / name, dpi=120)
-        plt.close(fig)
-        written.append(figures / name)
-
-    if (results / "history.csv").is_file():
-        hist = pd.read_csv(results / "history.csv")
-        hist = hist[hist["preset"] == cfg["preset"]]
-        for dataset, part in hist.groupby("dataset"):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for colour, (model, runs) in enumerate(part.groupby("model")):
-                for i, (seed, curve) in enumerate(runs.groupby("seed")):
-                    ax.plot(curve["epoch"], curve["valid_ndcg@10"], color=f"C{colour}", lw=1,
-                            label=f"{model} ({runs['seed'].nunique()} seeds)" if i == 0 else None)
-            ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"Learning curves: {dataset}")
-            ax.legend(fontsize=8)
-            save(fig, f"learning_curves_{safe_name(dataset)}.png")
-    if (results / "ablation.csv").is_file():
-        abl = pd.read_csv(results / "ablation.csv")
-        abl = abl[(abl["split"] == "test") & (abl["preset"] == cfg["preset"])]
-        if len(abl):
-            means = abl.groupby(["dataset", "model"])["ndcg@10"].agg(["mean", "std"]).unstack("model")
-            fig, ax = plt.subplots(figsize=(6, 4))
-            means["mean"].plot.bar(yerr=means["std"].fillna(0), ax=ax, rot=0)
-            ax.set(ylabel="test NDCG@10", title="Ablation: holographic binding vs item-only")
-            save(fig, "ablation.png")
-    if (results / "compression.csv").is_file():
-        comp = pd.read_csv(results / "compression.csv")
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for (dataset, training), part in comp.groupby(["dataset", "bundling"]):
-            if training == "none":
-                continue
-            base = comp[(comp["dataset"] == dataset) & (comp["bundling"] == "none")]
-            part = pd.concat([base, part]).sort_values("k")
-            axes[0].plot(part["k"], part["ndcg@10"], "o-", label=f"{dataset}, {training}")
-            axes[1].plot(part["k"], part["latency_ms"], "o-", label=f"{dataset}, {training}")
-        axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", title="Accuracy")
-        axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", title="Latency")
-        for ax in axes:
-            ax.set_xticks(sorted(comp["k"].unique()))
-        axes[0].legend()
-        save(fig, "compression.png")
-    if (results / "efficiency.csv").is_file():
-        eff = pd.read_csv(results / "efficiency.csv")
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        for model, part in eff.groupby("model"):
-            axes[0].plot(part["max_len"], part["train_peak_mem_mb"], "o-", label=model)
-            axes[1].plot(part["max_len"], part["batch_infer_ms"], "o-", label=model)
-            axes[2].plot(part["max_len"], part["stream_step_ms"], "o-", label=model)
-        for ax, label in zip(axes, ("training peak memory (MB)", "batch inference (ms)", "one new interaction (ms)")):
-            ax.set(xlabel="sequence length L", ylabel=label, xscale="log", yscale="log")
-        axes[0].legend()
-        save(fig, "efficiency.png")
-    grid = Path(cfg["grid_csv"])
-    if grid.is_file():
-        table = pd.read_csv(grid)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for dataset, part in table.groupby("dataset"):
-            ax.scatter(part["valid_ndcg@10"], part["test_ndcg@10"], label=dataset)
-        ax.set(xlabel="validation NDCG@10", ylabel="test NDCG@10", title="Grid search trials")
-        ax.legend()
-        save(fig, "grid_search.png")
+    figures, written = Path(cfg["figures_dir"]), []
+    for source, draw in FIGURES:
+        path = source(cfg)
+        if not path.is_file():
+            continue
+        for fig, name in draw(pd.read_csv(path), cfg, plt):
+            fig.tight_layout()
+            with atomic_path(figures / name) as tmp:
+                fig.savefig(tmp, dpi=120, format="png")
+            plt.close(fig)
+            written.append(figures / name)
     return written
 
 
-def safe_name(name):
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
 # =====================================================================================================
-# Command line
+# §11 Python API and command line
 # =====================================================================================================
-PAPER_SEQUENCE = ("benchmark", "ablation", "grid", "compression")
-STAGE_FUNCTIONS = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
-                   "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
-                   "stats": stats_stage}
+# The API the notebooks and scripts use: config, load_dataset, build_model, fit, evaluate, save, load
+# (with rank_targets, Batch / Output and the model classes for finer work). main() is the command line.
+def load_dataset(source="synthetic", cfg=None, *, attributes=None, name="frame", **overrides):
+    """A prepared dataset (SequenceData): a built-in one by name ('ml-1m', 'amazon-beauty', 'synthetic'), a
+    'csv:DIR' or 'recbole:DIR/NAME' spec, a Config of one dataset, or a pandas DataFrame with columns user,
+    item, time (ties in time keep row order) and optional `attributes` {raw item id: [attribute tokens]}. Data
+    keys (data_dir, min_user_count, attribute_mode, ...) as keywords, e.g.
+    load_dataset("ml-1m", data_dir="../shared/datasets")."""
+    if isinstance(source, Mapping):
+        return read_dataset(Config(source).replace(**overrides))
+    if isinstance(source, pd.DataFrame):
+        cfg = (config(**overrides) if cfg is None else Config(cfg).replace(**overrides)).replace(dataset=f"frame:{name}")
+        missing = {"user", "item", "time"} - set(source.columns)
+        if missing:
+            raise DataError(f"the DataFrame lacks the column(s) {sorted(missing)}: expected user, item, time")
+        return prepare_dataset(cfg["dataset"], source[["user", "item", "time"]], attributes or {}, cfg)
+    cfg = config(source, **overrides) if cfg is None else Config(cfg).replace(dataset=source, **overrides)
+    return read_dataset(cfg)
 
 
 def setup_distributed(overrides):
@@ -2198,30 +2705,34 @@ def setup_distributed(overrides):
     return dict(overrides, device="cpu")
 
 
+def plan(overrides):
+    """The invocation's own config and one config per dataset, all resolved and validated up front."""
+    base = resolve_config(overrides)
+    return base, [resolve_config(overrides, dataset) for dataset in as_list(base["dataset"])]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help())
-        return 0
     try:
         overrides = parse_cli(argv)
-        cfg = resolve_config(overrides)
-        for dataset in as_list(cfg["dataset"]):
-            resolve_config(overrides, dataset)  # fail now, not after hours, on a bad per-dataset value
-        overrides = setup_distributed(overrides)
-        stages = as_list(cfg["stage"])
+        plan(overrides)  # fail now, not after hours, on a bad value of any dataset
+        base, configs = plan(setup_distributed(overrides))
+        stages = as_list(base["stage"])
         if stages == ["all"]:
-            stages = list(PAPER_SEQUENCE) + (["efficiency"] if cfg["preset"] == "quick" else [])
-        device = pick_device(cfg["device"])
+            stages = list(PAPER_SEQUENCE) + (["efficiency"] if base["preset"] == "quick" else [])
+        device = pick_device(base["device"])
         if is_main_process():
-            print(f"HoloMambaRec | stages: {', '.join(stages)} | preset: {cfg['preset']} | datasets: {cfg['dataset']}"
-                  f" | device: {device} | mamba-ssm kernel: {device.type == 'cuda' and cuda_kernels()[0] is not None}",
-                  file=sys.stderr)
+            print(f"HoloMambaRec {__version__} | stages: {', '.join(stages)} | preset: {base['preset']} | datasets: "
+                  f"{base['dataset']} | device: {device} | mamba-ssm kernel: "
+                  f"{device.type == 'cuda' and cuda_kernels()[0] is not None}", file=sys.stderr)
+        store = RunStore(base)
         for stage in stages:
-            STAGE_FUNCTIONS[stage](overrides)
+            STAGES[stage](store, configs)
         if is_main_process() and stages != ["stats"]:
-            for path in plot_figures(cfg):
+            for path in plot_figures(base):
                 print(f"figure: {path}", file=sys.stderr)
+    except ArgumentParser.Exit as exc:
+        return exc.status
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,17 +35,16 @@ def test_backend_matches_reference_forward_and_gradients(backend):
 
 @needs_kernel
 def test_holomamba_same_scores_with_cuda_and_parallel_backends():
-    cfg = H.resolve_config({"d_model": 32, "n_layers": 2, "max_len": 30}, "synthetic")
-    data = H.catalog_only(100)
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=30, scan_backend="cuda")
     torch.manual_seed(0)
-    model = H.build_model("HoloMamba", dict(cfg, scan_backend="cuda"), data).cuda().eval()
+    model = H.build_model("HoloMamba", H.catalog_only(100), cfg, "cuda").eval()
+    assert model.scan_backend == "cuda"
     seq = torch.randint(0, 101, (4, 30), device="cuda")
     seq[:, -1] = 5
     with torch.no_grad():
-        fused = model.score_next(seq)
-        for mixer in model.mixers:
-            mixer.scan_backend = "parallel"
-        plain = model.score_next(seq)
+        fused = model.score_next(H.Batch(seq))
+        model.set_scan_backend("parallel")
+        plain = model.score_next(H.Batch(seq))
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
@@ -53,20 +52,17 @@ def test_holomamba_same_scores_with_cuda_and_parallel_backends():
 @pytest.mark.parametrize("name", ["HoloMamba", "SASRec", "GRU4Rec"])
 def test_cuda_graph_training_matches_eager(name):
     """The captured-and-replayed training step follows the eager step (dropout off, same batches)."""
-    cfg = H.resolve_config({"d_model": 32, "n_layers": 2, "max_len": 20, "dropout": 0.0, "batch_size": 8,
-                            "amp": False}, "synthetic")
-    cfg = dict(cfg, scan_backend=H.pick_scan_backend("auto", torch.device("cuda")))
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False)
     data = H.catalog_only(50)
     g = torch.Generator().manual_seed(0)
-    batches = [tuple(t.cuda() for t in H.fake_batch(50, 8, 20, "cpu", g)) for _ in range(6)]
+    batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
     losses = {}
     for graphs in (False, True):
         torch.manual_seed(0)
-        model = H.build_model(name, dict(cfg, cuda_graphs=graphs), data).cuda().train()
-        step = H.TrainStep(model, model, dict(cfg, cuda_graphs=graphs), torch.device("cuda"), None)
-        step.steps_per_epoch = 6
-        assert step.use_graph == graphs
-        losses[graphs] = torch.stack([step(x, y) for x, y in batches]).cpu()
+        model = H.build_model(name, data, cfg.replace(cuda_graphs=graphs), "cuda").train()
+        step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
+        assert isinstance(step, H.GraphedStep) == graphs
+        losses[graphs] = torch.stack([step(batch) for batch in batches]).cpu()
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
 
 
@@ -74,14 +70,13 @@ def test_cuda_graph_training_matches_eager(name):
 def test_graph_replayed_training_is_seen_by_evaluation():
     """Replays update the weights in place without touching tensor versions: evaluation after each epoch must
     still see the new weights (a version-keyed cache once froze validation at epoch 1)."""
-    cfg = H.resolve_config({"d_model": 32, "n_layers": 1, "max_len": 20, "epochs": 4, "patience": 10}, "synthetic")
-    cfg = dict(cfg, scan_backend=H.pick_scan_backend("auto", torch.device("cuda")))
-    data = H.load_dataset(cfg)
+    data = H.load_dataset("synthetic")
     torch.manual_seed(0)
-    model = H.build_model("HoloMamba", cfg, data).cuda()
-    history = H.fit(model, data, cfg, torch.device("cuda"))
-    scores = [h["valid_ndcg@10"] for h in history]
+    model = H.build_model("HoloMamba", data, d_model=32, n_layers=1, max_len=20, epochs=4, patience=10,
+                          device="cuda")
+    result = H.fit(model, data)
+    scores = [h["valid_ndcg@10"] for h in result.history]
     assert len(set(scores)) == len(scores)  # every epoch's evaluation differs
-    inputs, targets, seen, _ = H.evaluation_split(data, "valid", cfg["max_len"], cfg, torch.device("cuda"))
-    final = H.full_ranking_metrics(H.target_ranks(model, inputs, targets, cfg, torch.device("cuda"), seen))
-    assert final["ndcg@10"] == pytest.approx(max(scores), abs=1e-6)  # the best weights were restored
+    model.load_state_dict(result.best_state)
+    final = H.evaluate(model, data, "valid")
+    assert final["ndcg@10"] == pytest.approx(max(scores), abs=1e-6)  # the best weights are the best epoch's

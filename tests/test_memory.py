@@ -79,39 +79,46 @@ def memory_model(memory_len=0, max_len=12, seed=0):
     cfg = H.resolve_config({"d_model": 16, "n_layers": 2, "max_len": max_len, "dropout": 0.0, "memory_slots": 4,
                             "memory_len": memory_len, "scan_backend": "parallel"}, "synthetic")
     torch.manual_seed(seed)
-    return cfg, H.build_model("HoloMamba", cfg, H.catalog_only(40)).eval()
+    return cfg, H.build_model("HoloMamba", H.catalog_only(40), cfg).eval()
 
 
 def test_streaming_steps_with_memory_equal_the_full_forward():
     cfg, model = memory_model()
     seq = torch.randint(1, 41, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        state, table = model.init_state(1), model.output_embeddings()[1:]
+        state, table = model.init_state(1), model.output_table()[1:]
         for t in range(seq.shape[1]):
             scores, state = model.step(state, seq[:, t], table)
-            torch.testing.assert_close(scores, model.score_next(seq[:, :t + 1]), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(scores, model.score_next(H.Batch(seq[:, :t + 1])), rtol=1e-4, atol=1e-4)
 
 
 def test_memory_model_reads_older_items_and_trains_on_its_window():
     """With memory_len = 8 the model takes 12 + 8 items, encodes the last 12, and older items change the
-    output only through the memory; the loss aligns targets to the window and adds the reconstruction term."""
+    output only through the memory; the model aligns targets to the window and returns the weighted
+    reconstruction loss as its auxiliary loss."""
     cfg, model = memory_model(memory_len=8)
+    assert model.input_len == 20
     seq = torch.randint(1, 41, (3, 21), generator=torch.Generator().manual_seed(4))
     inputs, targets = seq[:, :-1], seq[:, 1:]
     with torch.no_grad():
-        hidden = model(inputs)
+        hidden = model(H.Batch(inputs)).hidden
         assert hidden.shape == (3, 12, 16)
         older = inputs.clone()
         older[:, :8] = torch.randint(1, 41, (3, 8), generator=torch.Generator().manual_seed(5))
-        assert not torch.allclose(model(older), hidden)  # the memory carries the older items
+        assert not torch.allclose(model(H.Batch(older)).hidden, hidden)  # the memory carries the older items
         model.memory_gate.weight.zero_()
         model.memory_gate.bias.fill_(-60.0)  # memory read switched off
-        torch.testing.assert_close(model(older), model(inputs))
-    loss = H.next_item_loss(model, inputs, targets, cfg)
-    logits = (model(inputs) @ model.output_embeddings()[1:].T).flatten(0, 1)
+        torch.testing.assert_close(model(H.Batch(older)).hidden, model(H.Batch(inputs)).hidden)
+    out = model(H.Batch(inputs, targets))
+    assert torch.equal(out.targets, targets[:, -12:])
+    reconstruction = model.memory.reconstruction_loss(*model.memory.write_sequence(model.embed(inputs), inputs.gt(0).float()),
+                                                      inputs.gt(0).float())
+    torch.testing.assert_close(out.aux_loss, cfg["memory_loss"] * reconstruction, rtol=1e-6, atol=1e-7)
+    loss = H.next_item_loss(out, model.output_table(), cfg)
+    logits = (out.hidden @ model.output_table()[1:].T).flatten(0, 1)
     ce = F.cross_entropy(logits, (targets[:, -12:] - 1).flatten())
-    torch.testing.assert_close(loss, ce + cfg["memory_loss"] * model.aux_loss, rtol=1e-5, atol=1e-6)
-    assert 0 <= model.aux_loss.item() <= 2
+    torch.testing.assert_close(loss, ce + out.aux_loss, rtol=1e-5, atol=1e-6)
+    assert 0 <= reconstruction.item() <= 2
 
 
 def test_memory_stage_compares_three_variants(tmp_path):
@@ -124,7 +131,7 @@ def test_memory_stage_compares_three_variants(tmp_path):
     assert rows["variant"].tolist() == ["window", "window", "window + memory", "window + memory",
                                         "full window", "full window"]
     assert rows["items_read"].tolist() == [8, 8, 24, 24, 24, 24]
-    long_users = int((H.load_dataset(H.resolve_config({}, "synthetic")).train_lengths() > 20).sum())
+    long_users = int((H.load_dataset("synthetic").train_lengths() > 20).sum())
     assert rows[rows["slice"] == "> 20 items"]["users"].tolist() == [long_users] * 3
     # the memory adds S x d floats to the recurrent state: 8 slots x 16 x 4 bytes
     state = rows.drop_duplicates("variant").set_index("variant")["recurrent_state_bytes"]

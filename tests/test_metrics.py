@@ -46,20 +46,20 @@ def test_ranks_of_targets_hand_built():
 @pytest.mark.parametrize("name", ["HoloMamba", "SASRec", "GRU4Rec"])
 def test_target_ranks_equals_per_user_argsort(name):
     n_items = 40
-    cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "d_state": 8, "max_len": 10, "eval_batch_size": 3,
-                            "scan_backend": "parallel", "device": "cpu"}, "synthetic")
     torch.manual_seed(0)
-    model = H.build_model(name, cfg, H.catalog_only(n_items))
+    model = H.build_model(name, H.catalog_only(n_items), d_model=16, n_layers=1, d_state=8, max_len=10,
+                          eval_batch_size=3, device="cpu")
     g = torch.Generator().manual_seed(1)
     inputs = torch.randint(1, n_items + 1, (10, 10), generator=g)
     inputs[3, :6] = 0
     targets = torch.randint(1, n_items + 1, (10,), generator=g)
-    ranks = H.target_ranks(model, inputs, targets, cfg, torch.device("cpu"))
+    split = H.EvalSplit(inputs, targets, torch.arange(10), torch.full((10,), 10), None)
+    ranks = H.rank_targets(model, split)
     assert not model.training
     naive = []
     with torch.no_grad():
         for u in range(len(inputs)):
-            scores = model.score_next(inputs[u:u + 1])[0]
+            scores = model.score_next(H.Batch(inputs[u:u + 1]))[0]
             order = torch.argsort(scores, descending=True, stable=True)
             naive.append(int((order == targets[u] - 1).nonzero()))
     assert ranks.tolist() == naive
@@ -91,8 +91,9 @@ def test_split_seen_items_are_the_history_before_each_target():
     data = H.prepare_dataset("t", __import__("pandas").DataFrame(
         {"user": [1] * 4 + [2] * 3, "item": [10, 11, 12, 13, 11, 12, 10], "time": list(range(7))}), {},
         H.resolve_config({"min_user_count": 1, "min_item_count": 1}, "synthetic"))
-    items, offsets = data.seen("valid")
+    items, offsets = data.eval_split("valid", 5).seen
     assert offsets.tolist() == [0, 2, 3]
     assert items.tolist() == [1, 2, 2]
-    items, offsets = data.seen("test")
+    assert data.eval_split("valid", 5, exclude_seen=False).seen is None
+    items, offsets = data.eval_split("test", 5).seen
     assert offsets.tolist() == [0, 3, 5] and items.tolist() == [1, 2, 3, 2, 3]

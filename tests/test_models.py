@@ -1,4 +1,5 @@
-"""Models: shapes, inert left padding, streaming steps against the full forward, scan backends."""
+"""Models: one contract (Batch -> Output) for all, shapes, inert left padding, streaming steps against the full
+forward, scan backends chosen once, bundling."""
 import pytest
 import torch
 
@@ -30,7 +31,15 @@ def perturbed(model, seed=0, scale=0.1):
 
 def build(name, seed=0, data=None, **extra):
     torch.manual_seed(seed)
-    return perturbed(H.build_model(name, tiny_cfg(**extra), data or H.catalog_only(N_ITEMS)), seed)
+    return perturbed(H.build_model(name, data or H.catalog_only(N_ITEMS), tiny_cfg(**extra)), seed)
+
+
+def hidden(model, seq):
+    return model(H.Batch(seq)).hidden
+
+
+def score(model, seq):
+    return model.score_next(H.Batch(seq))
 
 
 def random_items(shape, seed=0, n_items=N_ITEMS):
@@ -42,13 +51,19 @@ def test_shapes_with_catalog_only(name):
     model = build(name)
     seq = random_items((3, MAX_LEN))
     seq[0, :4] = 0  # some left padding
+    targets = random_items((3, MAX_LEN), seed=1)
     with torch.no_grad():
-        assert model(seq).shape == (3, MAX_LEN, 16)
-        assert model(seq[:, -5:]).shape == (3, 5, 16)
-        scores = model.score_next(seq)
+        out = model(H.Batch(seq, targets))
+        assert out.hidden.shape == (3, MAX_LEN, 16)
+        # the model says which item each state predicts: the next item, 0 where the input is padding
+        assert torch.equal(out.targets, torch.where(seq > 0, targets, 0))
+        assert hidden(model, seq[:, -5:]).shape == (3, 5, 16)
+        assert model(H.Batch(seq)).targets is None  # no targets outside training
+        scores = score(model, seq)
     assert scores.shape == (3, N_ITEMS)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    assert model.output_embeddings().shape == (N_ITEMS + 1, 16)
+    assert model.output_table().shape == (N_ITEMS + 1, 16)
+    assert model.name == name and model.input_len == MAX_LEN
 
 
 @pytest.mark.parametrize("name", H.MODEL_NAMES)
@@ -56,12 +71,12 @@ def test_shapes_with_loaded_dataset(name):
     cfg = tiny_cfg()
     data = H.load_dataset(cfg)
     torch.manual_seed(0)
-    model = H.build_model(name, cfg, data).eval()
-    inputs, targets = data.split("valid", MAX_LEN)
+    model = H.build_model(name, data, cfg).eval()
+    inputs, targets = data.eval_split("valid", MAX_LEN)[:2]
     with torch.no_grad():
-        hidden = model(inputs[:5])
-        scores = model.score_next(inputs[:5])
-    assert hidden.shape == (5, MAX_LEN, 16)
+        states = hidden(model, inputs[:5])
+        scores = score(model, inputs[:5])
+    assert states.shape == (5, MAX_LEN, 16)
     assert scores.shape == (5, data.n_items)
     assert inputs.shape == (data.n_users, MAX_LEN) and targets.shape == (data.n_users,)
 
@@ -74,19 +89,21 @@ def test_build_model_with_default_auto_scan_backend_runs(name):
     assert cfg["scan_backend"] == "auto"
     seq = random_items((2, MAX_LEN), seed=3)
     torch.manual_seed(0)
-    auto = H.build_model(name, cfg, H.catalog_only(N_ITEMS)).eval()
+    auto = H.build_model(name, H.catalog_only(N_ITEMS), cfg, "cpu").eval()
     torch.manual_seed(0)
-    parallel = H.build_model(name, dict(cfg, scan_backend="parallel"), H.catalog_only(N_ITEMS)).eval()
+    parallel = H.build_model(name, H.catalog_only(N_ITEMS), cfg.replace(scan_backend="parallel"), "cpu").eval()
+    assert auto.scan_backend == parallel.scan_backend == "parallel"  # chosen once, at build, for the device
+    assert all(m.scan is H.selective_scan_parallel for m in auto.mixers)
     with torch.no_grad():
-        torch.testing.assert_close(auto.score_next(seq), parallel.score_next(seq), rtol=0, atol=0)
+        torch.testing.assert_close(score(auto, seq), score(parallel, seq), rtol=0, atol=0)
 
 
 def test_holomamba_binding_changes_item_vectors_and_itemonly_does_not():
     data = H.catalog_only(N_ITEMS)
     torch.manual_seed(0)
-    holo = H.build_model("HoloMamba", tiny_cfg(), data)
+    holo = H.build_model("HoloMamba", data, tiny_cfg())
     torch.manual_seed(0)
-    plain = H.build_model("Mamba-ItemOnly", tiny_cfg(), data)
+    plain = H.build_model("Mamba-ItemOnly", data, tiny_cfg())
     ids = torch.arange(1, N_ITEMS + 1)
     with torch.no_grad():
         torch.testing.assert_close(plain.item_vectors(ids), plain.item_emb(ids), rtol=0, atol=0)
@@ -103,14 +120,14 @@ def test_left_padding_is_inert(name):
     padded_3 = torch.cat([torch.zeros(3, 3, dtype=torch.long), core], 1)  # length 9
     padded_6 = torch.cat([torch.zeros(3, 6, dtype=torch.long), core], 1)  # length 12 = max_len
     with torch.no_grad():
-        base = model(core)[:, -1]
+        base = hidden(model, core)[:, -1]
         for padded in (padded_3, padded_6):
-            torch.testing.assert_close(model(padded)[:, -1], base, rtol=0, atol=1e-5)
+            torch.testing.assert_close(hidden(model, padded)[:, -1], base, rtol=0, atol=1e-5)
         # a batch of different lengths, padded to the same width, equals each sequence alone
         mixed = padded_6.clone()
         mixed[1, :8] = 0  # row 1 keeps only its last 4 items
-        out = model(mixed)[:, -1]
-        torch.testing.assert_close(out[1], model(core[1:2, -4:])[0, -1], rtol=0, atol=1e-5)
+        out = hidden(model, mixed)[:, -1]
+        torch.testing.assert_close(out[1], hidden(model, core[1:2, -4:])[0, -1], rtol=0, atol=1e-5)
         torch.testing.assert_close(out[[0, 2]], base[[0, 2]], rtol=0, atol=1e-5)
 
 
@@ -123,7 +140,7 @@ def test_streaming_step_matches_full_forward(name):
         for t in range(seq.shape[1]):
             scores, state = model.step(state, seq[:, t])
             assert scores.shape == (1, N_ITEMS)
-            torch.testing.assert_close(scores, model.score_next(seq[:, :t + 1]), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(scores, score(model, seq[:, :t + 1]), rtol=1e-4, atol=1e-4)
 
 
 def test_mamba_ffn_off_streaming_matches_full_forward():
@@ -134,7 +151,7 @@ def test_mamba_ffn_off_streaming_matches_full_forward():
         state = model.init_state(2)
         for t in range(seq.shape[1]):
             scores, state = model.step(state, seq[:, t])
-        torch.testing.assert_close(scores, model.score_next(seq), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(scores, score(model, seq), rtol=1e-4, atol=1e-4)
 
 
 def test_mamba_block_reference_and_parallel_backends_agree():
@@ -145,7 +162,7 @@ def test_mamba_block_reference_and_parallel_backends_agree():
     mask[0, :4] = 0
     out_ref = block(hidden, mask)
     grads_ref = torch.autograd.grad(out_ref.square().sum(), [hidden, *block.parameters()])
-    block.scan_backend = "parallel"
+    block.use_backend("parallel")
     out_par = block(hidden, mask)
     grads_par = torch.autograd.grad(out_par.square().sum(), [hidden, *block.parameters()])
     torch.testing.assert_close(out_par, out_ref, rtol=1e-5, atol=1e-5)
@@ -158,10 +175,9 @@ def test_holomamba_scores_same_with_reference_and_parallel_backends():
     seq = random_items((4, MAX_LEN), seed=8)
     seq[1, :5] = 0
     with torch.no_grad():
-        ref = model.score_next(seq)
-        for mixer in model.mixers:
-            mixer.scan_backend = "parallel"
-        par = model.score_next(seq)
+        ref = score(model, seq)
+        model.set_scan_backend("parallel")
+        par = score(model, seq)
     torch.testing.assert_close(par, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -182,10 +198,11 @@ def test_bundled_forward_with_window_one_is_the_plain_forward():
     seq = random_items((3, 8), seed=10)
     seq[0, :3] = 0
     with torch.no_grad():
-        torch.testing.assert_close(model.bundled(seq, 1), model(seq), rtol=1e-6, atol=1e-6)
-        # k = 4 reads ceil(l / k) tokens
-        assert model(seq, 4).shape == (3, 2, 16)
-        assert model(seq[:, 1:], 4).shape == (3, 2, 16)
+        torch.testing.assert_close(model.bundled(H.Batch(seq), 1).hidden, hidden(model, seq), rtol=1e-6, atol=1e-6)
+        with model.bundling(4):  # k = 4 reads ceil(l / k) tokens
+            assert hidden(model, seq).shape == (3, 2, 16)
+            assert hidden(model, seq[:, 1:]).shape == (3, 2, 16)
+        assert model.bundle_k == 1 and hidden(model, seq).shape == (3, 8, 16)  # the context restores it
 
 
 def test_sasrec_attention_never_sees_later_items():
@@ -194,7 +211,7 @@ def test_sasrec_attention_never_sees_later_items():
     changed = seq.clone()
     changed[:, 5:] = random_items((2, 3), seed=13)
     with torch.no_grad():
-        torch.testing.assert_close(model(changed)[:, :5], model(seq)[:, :5], rtol=0, atol=1e-5)
+        torch.testing.assert_close(hidden(model, changed)[:, :5], hidden(model, seq)[:, :5], rtol=0, atol=1e-5)
 
 
 def test_bundled_training_loss_has_one_target_per_window():
@@ -203,16 +220,37 @@ def test_bundled_training_loss_has_one_target_per_window():
     cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "max_len": 7, "dropout": 0.0, "bundle_k": 2,
                             "scan_backend": "parallel"}, "synthetic")
     torch.manual_seed(0)
-    model = H.build_model("HoloMamba", cfg, H.catalog_only(30)).eval()
+    model = H.build_model("HoloMamba", H.catalog_only(30), cfg).eval()
     seq = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7]])
     inputs, targets = seq[:, :-1], seq[:, 1:]  # length 7 -> padded to 8 -> 4 windows
-    hidden = model(inputs)
-    assert hidden.shape == (2, 4, 16)
+    out = model(H.Batch(inputs, targets))
+    assert out.hidden.shape == (2, 4, 16)
     # windows (padded left by 1): [pad, x0], [x1, x2], [x3, x4], [x5, x6] -> targets at positions 0, 2, 4, 6
     labels = targets[:, [0, 2, 4, 6]]
     valid = inputs[:, [0, 2, 4, 6]] > 0
-    logits = hidden @ model.output_embeddings()[1:].T
+    assert torch.equal(out.targets, torch.where(valid, labels, 0))
+    logits = out.hidden @ model.output_table()[1:].T
     expected = torch.nn.functional.cross_entropy(logits[valid], labels[valid] - 1)
-    torch.testing.assert_close(H.next_item_loss(model, inputs, targets, cfg), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(H.next_item_loss(out, model.output_table(), cfg), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="bundle_k"):
         model.step(model.init_state(1), torch.tensor([3]))
+
+
+def test_models_take_no_unknown_constructor_arguments():
+    """Every model is built as Model(cfg, catalog): a mistyped keyword is an error, never swallowed."""
+    cfg, catalog = tiny_cfg(), H.catalog_only(N_ITEMS)
+    for name, cls in H.MODELS.items():
+        with pytest.raises(TypeError):
+            cls(cfg, catalog, n_user=3)
+    with pytest.raises(H.ConfigError, match="unknown model 'BERT4Rec'"):
+        H.build_model("BERT4Rec", catalog, cfg)
+    with pytest.raises(H.ConfigError, match="unknown config key 'dmodel'"):
+        H.build_model("SASRec", catalog, cfg, dmodel=8)
+
+
+def test_capabilities_live_on_the_models():
+    caps = {name: (cls.reads_users, cls.graph_safe, cls.recurrent) for name, cls in H.MODELS.items()}
+    assert caps == {"HoloMamba": (False, True, True), "Mamba-ItemOnly": (False, True, True),
+                    "SASRec": (False, True, False), "GRU4Rec": (False, True, True), "RAMRec": (True, False, False)}
+    with pytest.raises(NotImplementedError, match="SASRec has no recurrent state"):
+        build("SASRec").init_state(1)

@@ -15,7 +15,11 @@ def ramrec(seed=0, **extra):
                             "ramrec_slots": 8, "ramrec_writes": 4, "ramrec_k_min": 2, "ramrec_k_max": 4, **extra},
                            "synthetic")
     torch.manual_seed(seed)
-    return H.RAMRec(cfg, N_ITEMS, n_users=N_USERS).eval()
+    return H.RAMRec(cfg, H.catalog_only(N_ITEMS)._replace(n_users=N_USERS)).eval()
+
+
+def hidden(model, seq, users=None, ends=None):
+    return model(H.Batch(seq, users=users, ends=ends)).hidden
 
 
 def batch(seed=0, users=(3, 7, 1)):
@@ -72,12 +76,12 @@ def test_entries_at_or_after_the_query_position_are_never_retrieved(training):
     seq, users, ends = batch()
     last = ends - 1  # absolute position of each row's last column
     with torch.no_grad():
-        plain = model(seq)
+        plain = hidden(model, seq)
         fill_bank(model, users, [list(range(e, e + 8)) for e in last.tolist()])
-        torch.testing.assert_close(model(seq, users, ends), plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(hidden(model, seq, users, ends), plain, rtol=0, atol=1e-6)
         t = (last - 5).tolist()  # one entry per user, 5 positions before the end of the window
         fill_bank(model, users, [[x] for x in t])
-        out = model(seq, users, ends)
+        out = hidden(model, seq, users, ends)
     later = positions(seq, ends) > torch.tensor(t)[:, None]
     changed = (out - plain).abs().amax(-1) > 1e-4
     assert torch.equal(changed, later & seq.gt(0))
@@ -87,8 +91,8 @@ def test_training_forward_writes_the_batch_users_at_the_expected_positions():
     model = ramrec().train()
     seq, users, ends = batch()
     with torch.no_grad():
-        plain = model(seq)
-        model(seq, users, ends)
+        plain = hidden(model, seq)
+        hidden(model, seq, users, ends)
     # stride = L // writes = 3: columns 11, 8, 5, 2 back from the last; row 1 is padding before column 6
     expected = [{e - L + c for c in (11, 8, 5, 2) if seq[r, c] > 0} for r, e in enumerate(ends.tolist())]
     assert expected[1] == {5, 2}  # row 1 (window ends at 6) keeps only its two real columns, 11 and 8
@@ -101,7 +105,7 @@ def test_training_forward_writes_the_batch_users_at_the_expected_positions():
             col = model.tags[u, slot].item() - (ends[r].item() - L)
             torch.testing.assert_close(model.bank[u, slot], plain[r, col], rtol=0, atol=1e-6)
     with torch.no_grad():  # the same window again refreshes its entries instead of adding copies
-        model(seq, users, ends)
+        hidden(model, seq, users, ends)
     assert [(model.tags[u] >= 0).sum().item() for u in users.tolist()] == [len(e) for e in expected]
 
 
@@ -111,7 +115,7 @@ def test_evaluation_never_writes():
     fill_bank(model, users, [[0, 3], [1], [2, 4, 6]])
     before = {k: v.clone() for k, v in model.named_buffers()}
     with torch.no_grad():
-        model(seq, users, ends)
+        hidden(model, seq, users, ends)
     assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
 
 
@@ -140,19 +144,19 @@ def test_full_bank_replaces_empty_then_lowest_retention_entries():
 
 def test_without_users_it_is_its_sasrec_encoder_and_padding_is_inert():
     model = ramrec(seed=3)
-    sasrec = H.SASRec(dict(H.resolve_config({}, "synthetic"), d_model=16, n_layers=1, n_heads=2, max_len=L,
-                           dropout=0.0), N_ITEMS).eval()
+    sasrec = H.SASRec(H.config("synthetic", d_model=16, n_layers=1, n_heads=2, max_len=L, dropout=0.0),
+                      H.catalog_only(N_ITEMS)).eval()
     sasrec.load_state_dict(model.state_dict(), strict=False)
     seq, users, ends = batch(seed=4)
     fill_bank(model, users, [list(range(0, 19, 3)), [0, 1, 2], list(range(0, 14, 2))])
     with torch.no_grad():
-        torch.testing.assert_close(model(seq), sasrec(seq), rtol=0, atol=0)
+        torch.testing.assert_close(hidden(model, seq), hidden(sasrec, seq), rtol=0, atol=0)
         core = seq[:, -4:]  # the same last 4 items, fewer or more padding columns in front
-        out = model(core, users, ends)[:, -1]
+        out = hidden(model, core, users, ends)[:, -1]
         for pad in (2, 8):
             padded = torch.cat([torch.zeros(3, pad, dtype=torch.long), core], 1)
-            torch.testing.assert_close(model(padded, users, ends)[:, -1], out, rtol=0, atol=1e-5)
-        assert (out - model(core)[:, -1]).abs().max() > 1e-4  # and the bank is read
+            torch.testing.assert_close(hidden(model, padded, users, ends)[:, -1], out, rtol=0, atol=1e-5)
+        assert (out - hidden(model, core)[:, -1]).abs().max() > 1e-4  # and the bank is read
 
 
 def test_bf16_autocast_training_forward_stays_fp32():
@@ -160,7 +164,7 @@ def test_bf16_autocast_training_forward_stays_fp32():
     seq, users, ends = batch()
     fill_bank(model, users, [[0, 5, 9], [1, 2], [3, 4, 8]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(seq, users, ends)
+        out = hidden(model, seq, users, ends)
         loss = out.square().mean()
     loss.backward()
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -170,14 +174,14 @@ def test_bf16_autocast_training_forward_stays_fp32():
 def test_model_positions_are_the_items_history_positions():
     """Column j of the inputs given with `ends` holds the item at history position ends - L + j, in training
     windows (ends - 1: the inputs stop one before the window) and in the valid / test splits."""
-    cfg = H.resolve_config({"max_len": 8}, "synthetic")
-    data = H.load_dataset(cfg)
+    data = H.load_dataset("synthetic")
     windows = H.TrainingWindows(data, 8, "cpu")
     ends = windows.window_ends("random", torch.Generator().manual_seed(0))
     cases = [(windows.cut(ends)[0], ends - 1)]
     for which in ("valid", "test"):
-        inputs, _, _, split_ends = H.evaluation_split(data, which, 8, cfg, torch.device("cpu"))
-        cases.append((inputs, split_ends))
+        split = data.eval_split(which, 8)
+        assert torch.equal(split.users, torch.arange(data.n_users))
+        cases.append((split.inputs, split.ends))
     for inputs, input_ends in cases:
         for u in range(0, data.n_users, 37):
             at = input_ends[u].item() - 8 + np.arange(8)
@@ -194,22 +198,16 @@ def test_invalid_ramrec_config_names_the_key():
             H.resolve_config(overrides, "synthetic")
 
 
-def test_train_and_evaluate_ramrec_end_to_end(tmp_path):
-    cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "max_len": 10, "epochs": 2, "batch_size": 128,
-                            "device": "cpu", "dropout": 0.1, "train_window": "random",
-                            "checkpoint_dir": str(tmp_path / "ck"), "results_dir": str(tmp_path / "res"),
-                            "figures_dir": str(tmp_path / "fig"), "grid_csv": str(tmp_path / "grid.csv")}, "synthetic")
-    run = H.train_and_evaluate(cfg, "RAMRec", 0)
-    assert all(np.isfinite(v) for m in run["metrics"].values() for v in m.values())
-    assert all(np.isfinite(h["loss"]) for h in run["history"])
-    model, data = run["module"], H.load_dataset(cfg)
+def test_ramrec_run_end_to_end(tiny):
+    cfg = H.config(**tiny, train_window="random")
+    store = H.RunStore(cfg)
+    run = store.run(cfg, "RAMRec", 0)
+    assert all(np.isfinite(v) for m in run.metrics.values() for v in m.values())
+    assert all(np.isfinite(h["loss"]) for h in run.history)
+    model, data = store.model(run), store.dataset(cfg)
     assert ((model.tags >= 0).sum(1) > 0).all()  # every user has memory entries
     # no entry was written at or past the end of the training inputs (the last training target's position)
     assert (model.tags < data.train_lengths()[:, None] - 1).all()
-    # the checkpoint holds the bank: a fresh model loaded from it ranks the test split identically
-    (path,) = (tmp_path / "ck").glob("synthetic_RAMRec_seed0_*.pt")
-    fresh = H.build_model("RAMRec", cfg, data)
-    fresh.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    inputs, targets, seen, ends = H.evaluation_split(data, "test", 10, cfg, torch.device("cpu"))
-    assert torch.equal(H.target_ranks(fresh, inputs, targets, cfg, torch.device("cpu"), seen, ends=ends),
-                       run["ranks"]["test"])
+    # the checkpoint holds the bank: the model loaded from it ranks the test split as the run did
+    split = data.eval_split("test", cfg["max_len"], cfg["exclude_seen"])
+    assert torch.equal(H.rank_targets(model, split, cfg), run.ranks["test"])

@@ -59,13 +59,6 @@ def test_summarise_mean_and_std_over_seeds():
     assert out.iloc[0]["ndcg@10"] == "0.3000 ± 0.1414"  # sample std of (0.2, 0.4)
 
 
-def test_config_tag_ignores_outputs_and_seeds_but_not_hyperparameters():
-    cfg = H.resolve_config({}, "synthetic")
-    assert H.config_tag(cfg) == H.config_tag(dict(cfg, results_dir="elsewhere", seeds="1,2", stage="grid"))
-    assert H.config_tag(cfg) != H.config_tag(dict(cfg, d_model=8))
-    assert len(H.config_tag(cfg)) == 8
-
-
 def _upsert_many(path, worker, count):
     for seed in range(count):
         H.upsert_csv(path, [row(f"w{worker}", seed / 100, seed=seed)], KEY)

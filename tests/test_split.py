@@ -20,6 +20,10 @@ def unique_id_data(lengths):
                           torch.ones(n_items + 1, dtype=torch.long))
 
 
+def windows_of(windows, mode, generator=None):
+    return windows.cut(windows.window_ends(mode, generator))
+
+
 LENGTHS = [3, 4, 5, 9, 12, 13, 14, 30]
 
 
@@ -40,8 +44,8 @@ def is_contiguous_slice(window, history):
 @pytest.mark.parametrize("max_len", [4, 10, 40])
 def test_valid_and_test_targets(max_len):
     data = unique_id_data(LENGTHS)
-    vx, vy = data.split("valid", max_len)
-    tx, ty = data.split("test", max_len)
+    (vx, vy, _, v_ends, _), (tx, ty, _, t_ends, _) = data.eval_split("valid", max_len), data.eval_split("test", max_len)
+    assert v_ends.tolist() == [n - 2 for n in LENGTHS] and t_ends.tolist() == [n - 1 for n in LENGTHS]
     assert vx.shape == tx.shape == (len(LENGTHS), max_len)
     for u, s in enumerate(data.sequences):
         assert vy[u].item() == s[-2] and ty[u].item() == s[-1]
@@ -59,7 +63,7 @@ def test_training_windows_stay_inside_the_training_history(mode, max_len):
     windows = H.TrainingWindows(data, max_len, "cpu")
     g = torch.Generator().manual_seed(0)
     for _ in range(5 if mode == "random" else 1):
-        inputs, targets = windows.sample(mode, g)
+        inputs, targets = windows_of(windows, mode, g)
         assert inputs.shape == targets.shape == (len(LENGTHS), max_len)
         # targets are the inputs shifted by one: together they are one window of max_len + 1 positions
         torch.testing.assert_close(inputs[:, 1:], targets[:, :-1], rtol=0, atol=0)
@@ -80,10 +84,10 @@ def test_random_windows_do_crop_long_histories():
     data = unique_id_data([40] * 20)
     windows = H.TrainingWindows(data, 5, "cpu")
     g = torch.Generator().manual_seed(0)
-    last_ends = {int(t) for t in windows.sample("last")[1][:, -1]}
+    last_ends = {int(t) for t in windows_of(windows, "last")[1][:, -1]}
     random_ends = set()
     for _ in range(3):
-        random_ends |= {int(t) for t in windows.sample("random", g)[1][:, -1]}
+        random_ends |= {int(t) for t in windows_of(windows, "random", g)[1][:, -1]}
     assert len(last_ends) == 20
     assert random_ends - last_ends  # some windows end before the last training item
     # the earliest possible window starts at the first item: ends at history position >= max_len
@@ -91,22 +95,13 @@ def test_random_windows_do_crop_long_histories():
     assert min(ends_pos) >= 5 and max(ends_pos) <= 37
 
 
-def test_split_train_is_last_window():
-    data = unique_id_data(LENGTHS)
-    x, y = data.split("train", 6)
-    lx, ly = H.TrainingWindows(data, 6, "cpu").sample("last")
-    assert torch.equal(x, lx) and torch.equal(y, ly)
-
-
 def test_leakage_on_synthetic_dataset():
-    cfg = H.resolve_config({"max_len": 8}, "synthetic")
-    data = H.load_dataset(cfg)
+    data = H.load_dataset("synthetic")
     windows = H.TrainingWindows(data, 8, "cpu")
     g = torch.Generator().manual_seed(1)
-    vx, vy = data.split("valid", 8)
-    tx, ty = data.split("test", 8)
+    vy, ty = data.eval_split("valid", 8).targets, data.eval_split("test", 8).targets
     for mode in ("last", "random"):
-        inputs, targets = windows.sample(mode, g)
+        inputs, targets = windows_of(windows, mode, g)
         for u, s in enumerate(data.sequences):
             history = s[:-2]
             window = strip_padding(torch.cat([inputs[u, :1], targets[u]]))
