@@ -1856,7 +1856,8 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", **overrides):
         total = torch.zeros((), device=device)
         for i in range(0, len(order), cfg["batch_size"]):
             idx = order[i:i + cfg["batch_size"]]
-            total += step(Batch(train_x[idx], train_y[idx], idx, ends[idx] - 1))  # inputs end one before the window
+            users = (idx, ends[idx] - 1) if model.reads_users else ()  # inputs end one before the window
+            total += step(Batch(train_x[idx], train_y[idx], *users))
         synchronize(device)
         train_seconds += time.perf_counter() - epoch_start
         if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:

@@ -110,3 +110,16 @@ def test_run_store_memoises_saves_and_resumes(tiny, tmp_path):
     assert torch.equal(again.ranks["test"], run.ranks["test"]) and checkpoint.stat().st_mtime_ns == stamp
     # a different preset with the same hyper-parameters is the same run (the preset is not in the hash)
     assert H.run_hash(cfg.replace(preset="best")) == run.config
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python API example, run as written (in an empty folder: it saves a checkpoint there)."""
+    text = (H.Path(H.__file__).parent / "README.md").read_text()
+    example = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, "README.md (Python API)", "exec"), namespace)
+    best_epoch, ndcg = capsys.readouterr().out.split()
+    assert 1 <= int(best_epoch) <= 2 and 0 <= float(ndcg) <= 1
+    assert (tmp_path / "holomamba.pt").is_file() and isinstance(namespace["model"], H.HoloMamba)
+    assert len(torch.load(tmp_path / "holomamba.pt", weights_only=True)["history"]) == 2
