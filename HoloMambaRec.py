@@ -75,7 +75,7 @@ __version__ = "0.2.0"
 # changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
 # stored in every checkpoint and every run record.
 STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
-MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec")
+MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec", "HoloMamba-Shuffled")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
 
@@ -196,8 +196,9 @@ CONFIG_TABLE = {
     "dataset": Key("ml-1m,amazon-beauty", "data", dataset_names, "comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>"),
     "min_user_count": Key(5, "data", at_least(0), "k-core: keep users with at least this many interactions (iterated with items)"),
     "min_item_count": Key(5, "data", at_least(0), "k-core: keep items with at least this many interactions"),
-    "attribute_mode": Key("all", "data", one_of("first", "all", "modulo"), "first (one attribute per item, as the paper) | all (every attribute, bundled) | modulo (paper's Beauty parity: item_id % 50)"),
+    "attribute_mode": Key("all", "data", one_of("first", "specific", "all", "modulo"), "first (the item's first attribute, as the paper) | specific (its rarest attribute) | all (every attribute) | modulo (paper's Beauty parity: item_id % 50)"),
     "max_attributes": Key(8, "data", above(0), "at most this many attributes per item in 'all' mode"),
+    "attribute_max_share": Key(0.5, "data", fraction(closed_low=False, closed_high=True), "drop attribute tokens carried by more than this share of the items (they tell items apart no better than nothing)"),
     # ---- model --------------------------------------------------------------------------------------
     "max_len": Key(50, "model", at_least(2), "length of the input window (most recent items)"),
     "d_model": Key(64, "model", above(0), "embedding / hidden width"),
@@ -208,6 +209,8 @@ CONFIG_TABLE = {
     "ffn": Key(True, "model", None, "position-wise feed-forward sublayer after each Mamba block (as Mamba4Rec)"),
     "dropout": Key(0.2, "model", fraction(), "dropout on embeddings and sublayer outputs"),
     "n_heads": Key(1, "model", above(0), "SASRec attention heads"),
+    "binding": Key("item", "model", one_of("item", "roles", "both"), "HoloMamba's item vector: item (e + α·e ⊛ mean attribute, the paper) | roles (e + Σ_f g_f·role_f ⊛ attribute_f, one role per attribute field) | both"),
+    "item_dropout": Key(0.0, "model", fraction(), "HoloMamba, training: drop the id part of an input item's vector with this probability, keeping its attributes"),
     "bundle_k": Key(1, "model", above(0), "temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)"),
     "memory_slots": Key(0, "model", at_least(0), "HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)"),
     "memory_len": Key(0, "model", at_least(0), "items older than the max_len window that the memory folds in, in training and evaluation"),
@@ -227,6 +230,8 @@ CONFIG_TABLE = {
     "label_smoothing": Key(0.0, "training", fraction(), "label smoothing of the softmax cross-entropy"),
     "num_negatives": Key(0, "training", at_least(0), "0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction"),
     "train_window": Key("last", "training", one_of("last", "random"), "training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)"),
+    "attribute_loss": Key(0.0, "training", at_least(0), "weight of next-attribute prediction: each state, unbound by each field's role, classifies the next item's attribute of that field"),
+    "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
     "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
     "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
     "patience": Key(10, "training", at_least(1), "evaluations without a better validation NDCG@10 before training stops"),
@@ -258,6 +263,8 @@ GLOBAL_CONFIG = {name: key.default for name, key in CONFIG_TABLE.items()}
 CROSS_CHECKS = [
     ("n_heads", lambda c: c["d_model"] % c["n_heads"] == 0, "must divide d_model"),
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
+    ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
+    ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
     ("ramrec_k_max", lambda c: c["ramrec_k_max"] >= c["ramrec_k_min"], "must be >= ramrec_k_min"),
     ("ramrec_slots", lambda c: c["ramrec_slots"] >= c["ramrec_k_max"], "must be >= ramrec_k_max"),
     ("ramrec_writes", lambda c: c["ramrec_writes"] <= c["ramrec_slots"], "must be in [1, ramrec_slots]"),
@@ -610,7 +617,7 @@ def load_ml1m(path):
         genres = pd.read_csv(io.StringIO(movies.replace("::", "\t")), sep="\t", header=None,
                              names=["item", "title", "genres"], dtype={"item": np.int64, "genres": str},
                              quoting=csv.QUOTE_NONE)
-    attributes = {i: g.split("|") for i, g in zip(genres["item"], genres["genres"].fillna(""))}
+    attributes = {i: [f"genre:{x}" for x in g.split("|") if x] for i, g in zip(genres["item"], genres["genres"].fillna(""))}
     return df[["user", "item", "time"]], attributes
 
 
@@ -737,6 +744,8 @@ class Catalog(NamedTuple):
     n_users: int
     n_attributes: int
     item_attributes: torch.Tensor  # (n_items + 1, A) attribute ids, 0 = none; row 0 is padding
+    attribute_fields: torch.Tensor | None = None  # (n_items + 1, A) field of each attribute (1..n_fields), 0 = none
+    n_fields: int = 1
 
 
 class EvalSplit(NamedTuple):
@@ -766,10 +775,13 @@ class SequenceData:
     item_attributes: torch.Tensor  # (n_items + 1, A) attribute ids, 0 = none; row 0 is padding
     sequences: list  # per user, np.int64 array of item ids in time order
     item_counts: torch.Tensor  # (n_items + 1,) training-split interaction counts (popularity)
+    attribute_fields: torch.Tensor | None = None  # (n_items + 1, A) field of each attribute, 0 = none
+    n_fields: int = 1
 
     @property
     def catalog(self):
-        return Catalog(self.n_items, self.n_users, self.n_attributes, self.item_attributes)
+        return Catalog(self.n_items, self.n_users, self.n_attributes, self.item_attributes,
+                       self.attribute_fields, self.n_fields)
 
     def eval_split(self, which, length, exclude_seen=True, device="cpu"):
         """Leave-one-out split: 'valid' predicts the second-to-last item from the items before it, 'test' the
@@ -789,10 +801,16 @@ class SequenceData:
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
 
     def stats(self):
-        """Counts after filtering; attributes = distinct attribute values of the kept items."""
-        used = self.item_attributes[1:].unique()
+        """Counts after filtering; attributes = distinct attribute values of the kept items, with how many an
+        item has (mean, and the share of items with none) and the number of attribute fields."""
+        table = self.item_attributes[1:]
+        used = table.unique()
+        per_item = table.gt(1).sum(1).double()
         return {"dataset": self.name, "users": self.n_users, "items": self.n_items,
-                "interactions": self.n_interactions, "attributes": int((used > 1).sum())}
+                "interactions": self.n_interactions, "attributes": int((used > 1).sum()),
+                "attributes_per_item": round(per_item.mean().item(), 3),
+                "items_without_attributes": round(per_item.eq(0).double().mean().item(), 4),
+                "attribute_fields": int(self.attribute_fields[1:][table > 1].unique().numel())}
 
 
 class TrainingWindows:
@@ -851,30 +869,43 @@ def prepare_dataset(name, df, raw_attributes, cfg):
     bounds = np.append(starts, len(df))
     seq_items = df["item"].to_numpy(np.int64)
     sequences = [seq_items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    item_attributes, n_attributes = attribute_table(items, raw_attributes, cfg)
+    item_attributes, n_attributes, attribute_fields, n_fields = attribute_table(items, raw_attributes, cfg)
     counts = np.zeros(len(items) + 1, dtype=np.int64)
     np.add.at(counts, np.concatenate([s[:-2] for s in sequences]), 1)
     return SequenceData(name, len(sequences), len(items), n_attributes, len(df), item_attributes,
-                        sequences, torch.from_numpy(counts))
+                        sequences, torch.from_numpy(counts), attribute_fields, n_fields)
 
 
 def attribute_table(items, raw_attributes, cfg):
-    """(n_items + 1, A) attribute ids. Id 1 is reserved for 'no attribute', so an item without metadata
-    never gets the padding id 0. mode first: the item's first token; all: up to max_attributes tokens;
-    modulo: the paper's public script for Beauty (item_id % 50), kept for parity only."""
-    mode = cfg["attribute_mode"]
+    """Attribute ids and fields of every item: (ids (n_items + 1, A), n_attributes, fields (n_items + 1, A),
+    n_fields). Row 0 is padding; id 1 is reserved for 'no attribute', so an item without metadata never gets the
+    padding id 0. A token 'name:value' belongs to field 'name' (RecBole columns, brand:, genre:); a plain token
+    to the field of its position in the item's list (category paths). Tokens carried by more than
+    attribute_max_share of the items are dropped first. Modes: first, the item's first token; specific, its
+    rarest token (the most specific category); all, up to max_attributes tokens; modulo, the paper's public
+    script for Beauty (item_id % 50), kept for parity only."""
+    mode, n = cfg["attribute_mode"], len(items)
     if mode == "modulo":
-        table = torch.zeros(len(items) + 1, 1, dtype=torch.long)
-        table[1:, 0] = torch.arange(1, len(items) + 1) % 50 + 2  # ids 2..51 (1 stays 'no attribute')
-        return table, 51
-    width = 1 if mode == "first" else cfg["max_attributes"]
-    vocab = {"<none>": 1}
-    rows = [[0] * width]
-    for raw in items:
-        tokens = raw_attributes.get(raw) or ["<none>"]
-        ids = [vocab.setdefault(t, len(vocab) + 1) for t in tokens[:width]]
-        rows.append(ids + [0] * (width - len(ids)))
-    return torch.tensor(rows, dtype=torch.long), len(vocab)
+        table = torch.zeros(n + 1, 1, dtype=torch.long)
+        table[1:, 0] = torch.arange(1, n + 1) % 50 + 2  # ids 2..51 (1 stays 'no attribute')
+        return table, 51, table.gt(0).long(), 1
+    lists = [list(dict.fromkeys(raw_attributes.get(raw) or [])) for raw in items]
+    share = {}
+    for tokens in lists:
+        for t in tokens:
+            share[t] = share.get(t, 0) + 1 / n
+    lists = [[(t, t.split(":", 1)[0] if ":" in t else f"#{j}") for j, t in enumerate(tokens)
+              if share[t] <= cfg["attribute_max_share"]] for tokens in lists]
+    if mode == "specific":
+        lists = [sorted(tokens, key=lambda tf: share[tf[0]])[:1] for tokens in lists]
+    width = cfg["max_attributes"] if mode == "all" else 1
+    vocab, field_ids = {"<none>": 1}, {}
+    ids, fields = [[0] * width], [[0] * width]
+    for tokens in lists:
+        tokens = tokens[:width] or [("<none>", "#0")]
+        ids.append([vocab.setdefault(t, len(vocab) + 1) for t, _ in tokens] + [0] * (width - len(tokens)))
+        fields.append([field_ids.setdefault(f, len(field_ids) + 1) for _, f in tokens] + [0] * (width - len(tokens)))
+    return torch.tensor(ids, dtype=torch.long), len(vocab), torch.tensor(fields, dtype=torch.long), len(field_ids)
 
 
 def data_key(cfg, files):
@@ -892,7 +923,7 @@ def catalog_only(n_items, n_attributes=50):
     """A catalog of n_items (attribute id % n_attributes) and no users: enough to build a model."""
     attributes = (torch.arange(n_items + 1) % n_attributes + 1).unsqueeze(1)
     attributes[0] = 0
-    return Catalog(n_items, 0, n_attributes, attributes)
+    return Catalog(n_items, 0, n_attributes, attributes, attributes.gt(0).long(), 1)
 
 
 # =====================================================================================================
@@ -1281,9 +1312,20 @@ class HolographicMemory(nn.Module):
 
 
 class HoloMamba(Recommender):
-    """Items bound to their attributes (e = item + α · item ⊛ attribute, normalised), then Mamba blocks
-    with pre-norm residuals (and an optional feed-forward sublayer). Optional: temporal bundling (bundle_k)
-    and a long-term holographic memory (memory_slots) over memory_len older items."""
+    """Items bound to their attributes, then Mamba blocks with pre-norm residuals (and an optional feed-forward
+    sublayer). The item vector (binding):
+      item   e_i = x_i + α · x_i ⊛ ā_i                       (the paper: ā_i the mean of i's attribute vectors)
+      roles  e_i = x_i + Σ_f g_f · r_f ⊛ ā_{i,f}              (role-filler: r_f a fixed unitary role per field f,
+                                                             ā_{i,f} the mean of i's attributes in field f)
+      both   the sum of the two attribute terms.
+    The role-filler term is shared by every item with the same attribute, so a rarely seen item borrows from
+    its category and brand, on the input and on the output side (scores are tied to e). It also stays
+    separable: unbinding e_i with r_f returns ā_{i,f} plus noise, and since <h, r_f ⊛ a> = <h ⊛ r_f*, a>, the
+    attribute part of an item's score is the state unbound by each role, scored against the attribute. The
+    attribute objectives train exactly that: attribute_loss asks each state, unbound by r_f, for the next item's
+    attribute of field f; agreement_loss asks each target item's vector the same of its own attributes.
+    Optional: temporal bundling (bundle_k) and a long-term holographic memory (memory_slots) over memory_len
+    older items."""
     name, recurrent, use_binding = "HoloMamba", True, True
 
     def __init__(self, cfg, catalog):
@@ -1308,25 +1350,67 @@ class HoloMamba(Recommender):
         if self.memory is not None:
             self.input_len = cfg["max_len"] + cfg["memory_len"]
         self.scan_backend = "parallel"
+        self.binding, self.item_dropout = cfg["binding"], cfg["item_dropout"]
+        self.attribute_loss, self.agreement_loss = cfg["attribute_loss"], cfg["agreement_loss"]
+        if self.binding != "item":  # fixed roles from their own generator: the other weights start as without them
+            fields = catalog.attribute_fields
+            roles = unitary_vectors(catalog.n_fields + 1, d, torch.Generator().manual_seed(0))
+            self.register_buffer("roles", roles * torch.arange(catalog.n_fields + 1).gt(0)[:, None], persistent=False)
+            self.register_buffer("attribute_fields", fields, persistent=False)
+            same_field = (fields[:, :, None] == fields[:, None, :]).sum(-1)  # values of the slot's field in the item
+            self.register_buffer("slot_weights", fields.gt(0) / same_field.clamp(min=1), persistent=False)
+            self.field_gain = nn.Parameter(torch.ones(catalog.n_fields + 1))
 
     def set_scan_backend(self, name):
         self.scan_backend = name
         for mixer in self.mixers:
             mixer.use_backend(name)
 
-    def item_vectors(self, ids):
-        """Holographic item vector item + α · item ⊛ attribute. With several attributes, binding distributes
-        over their bundle: Σ_j item ⊛ attr_j = item ⊛ Σ_j attr_j, so one FFT product binds them all."""
+    def item_vectors(self, ids, drop=0.0):
+        """The holographic item vector of `binding` (see the class). With several attributes, item binding
+        distributes over their bundle: Σ_j x ⊛ a_j = x ⊛ Σ_j a_j, so one FFT product binds them all. `drop`
+        zeroes the item-specific part (x and x ⊛ ā) of each vector with that probability, keeping the roles."""
         e = self.item_emb(ids)
-        if self.use_binding:
+        if self.use_binding and self.binding != "roles":
             attrs = self.item_attributes[ids]
             a = self.attr_emb(attrs).sum(-2) / attrs.gt(0).sum(-1, keepdim=True).clamp(min=1)
             e = e + self.alpha * bind(e, a)
+        if drop:
+            e = e * (torch.rand(ids.shape, device=ids.device) >= drop).unsqueeze(-1).to(e.dtype)
+        if self.use_binding and self.binding != "item":
+            e = e + self.role_fillers(ids)
         return e
 
+    def role_fillers(self, ids):
+        """Σ_f g_f · r_f ⊛ ā_{i,f} for each id: every attribute slot bound to its field's role, the values of one
+        field averaged, the fields weighted by learned gains."""
+        fields = self.attribute_fields[ids]
+        filled = bind(self.roles[fields], self.attr_emb(self.item_attributes[ids]))  # (..., A, d)
+        weights = self.slot_weights[ids] * self.field_gain[fields]
+        return (filled * weights.unsqueeze(-1).to(filled.dtype)).sum(-2)
+
     def embed(self, ids):
-        """Encoder input: the normalised item vector."""
-        return self.emb_norm(self.item_vectors(ids))
+        """Encoder input: the normalised item vector (item dropout in training)."""
+        return self.emb_norm(self.item_vectors(ids, self.item_dropout if self.training else 0.0))
+
+    def attribute_objectives(self, hidden, targets):
+        """The weighted attribute losses (see the class): cross-entropy over the attribute vocabulary of each
+        field's unbinding, for every attribute slot of every target item ('no attribute' and padding carry none)."""
+        if not (self.training and targets is not None and (self.attribute_loss or self.agreement_loss)):
+            return 0.0
+        attrs, fields = self.item_attributes[targets], self.attribute_fields[targets]  # (b, t, A)
+        labels = torch.where(attrs > 1, attrs, -100).flatten()
+        count = labels.ne(-100).sum().clamp(min=1)
+
+        def field_loss(vectors):  # (b, t, d): unbind by each slot's role, score every attribute
+            unbound = unbind(vectors.unsqueeze(-2), self.roles[fields], exact=False)
+            logits = (unbound @ self.attr_emb.weight.T).flatten(0, -2).float()
+            return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / count
+
+        loss = self.attribute_loss * field_loss(hidden) if self.attribute_loss else 0.0
+        if self.agreement_loss:
+            loss = loss + self.agreement_loss * field_loss(self.item_vectors(targets))
+        return loss
 
     def output_table(self):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
@@ -1349,7 +1433,8 @@ class HoloMamba(Recommender):
         seq = batch.items
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         hidden = self.encode(self.dropout(self.embed(seq)) * mask, mask)
-        return Output(hidden, next_targets(batch, hidden.shape[1]))
+        targets = next_targets(batch, hidden.shape[1])
+        return Output(hidden, targets, self.attribute_objectives(hidden, targets))
 
     def with_memory(self, batch):
         """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
@@ -1426,6 +1511,24 @@ class HoloMamba(Recommender):
 class MambaItemOnly(HoloMamba):
     """The item-only ablation: HoloMamba with the same parameters, attributes never bound."""
     name, use_binding = "Mamba-ItemOnly", False
+
+    def attribute_objectives(self, hidden, targets):
+        return 0.0  # no attributes, no attribute losses
+
+
+class HoloMambaShuffled(HoloMamba):
+    """The control: HoloMamba reading every item's attributes from another item (one fixed permutation of the
+    items' attribute rows), so attribute frequencies, the attribute vocabulary and the architecture are those of
+    HoloMamba, and only the link between an item and its attributes is gone."""
+    name = "HoloMamba-Shuffled"
+
+    def __init__(self, cfg, catalog):
+        super().__init__(cfg, catalog)
+        order = torch.cat([torch.zeros(1, dtype=torch.long),
+                           1 + torch.randperm(catalog.n_items, generator=torch.Generator().manual_seed(0))])
+        for name in ("item_attributes", "attribute_fields", "slot_weights"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[order])
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -1617,7 +1720,7 @@ class GRU4Rec(Recommender):
         return exact_scores(self.final_norm(out[:, 0]), table), state
 
 
-MODELS = {cls.name: cls for cls in (HoloMamba, MambaItemOnly, SASRec, GRU4Rec, RAMRec)}
+MODELS = {cls.name: cls for cls in (HoloMamba, MambaItemOnly, SASRec, GRU4Rec, RAMRec, HoloMambaShuffled)}
 assert tuple(MODELS) == MODEL_NAMES
 
 
@@ -2237,12 +2340,17 @@ def record_runs(store, runs, name, preset):
 
 
 def benchmark_stage(store, configs):
-    """Every model of cfg['models'] on every dataset and seed; results/benchmark.csv, accuracy.csv, .md."""
+    """Every model of cfg['models'] on every dataset and seed; results/benchmark.csv, accuracy.csv, .md, and
+    slices.csv (test metrics of every run on all users, short-history users and rarely seen target items)."""
     runs = [store.run(cfg, m, s) for cfg in configs for m in as_list(cfg["models"]) for s in seeds(cfg)]
     if not is_main_process():  # under DDP every rank holds the same runs; one writes them
         return [r for run in runs for r in metric_rows(run)]
     preset = store.cfg["preset"]
     table = record_runs(store, runs, "benchmark", preset)
+    slices = [dict(row, seed=run.seed, preset=preset, config=run.config) for cfg in configs
+              for run in runs if run.dataset == cfg["dataset"]
+              for row in cold_start_rows(cfg, store.dataset(cfg), [run])]
+    upsert_csv(store.results_dir / "slices.csv", slices, ["dataset", "model", "seed", "preset", "config", "slice"])
     table = table[table["preset"] == preset]
     write_csv(store.results_dir / "accuracy.csv",
               table[["dataset", "model", "seed", "split"] + [c for c in METRIC_COLUMNS if "mrr@" not in c]].to_dict("records"))
@@ -2638,12 +2746,41 @@ def draw_grid(table, cfg, plt):
     yield fig, "grid_search.png"
 
 
+def draw_grid_trials(table, cfg, plt):
+    """Validation NDCG@10 of every grid trial of a dataset, labelled by the keys its grid set, with the item-only
+    and SASRec runs of the same preset and first seed (from benchmark.csv) as reference lines."""
+    metrics = {"trial", "dataset", "best_epoch", "train_seconds"} | {c for c in table if c.startswith(("valid_", "test_"))}
+    bench_path = Path(cfg["results_dir"]) / "benchmark.csv"
+    bench = pd.read_csv(bench_path) if bench_path.is_file() else pd.DataFrame(columns=["dataset"])
+    for dataset, part in table.groupby("dataset"):
+        part = part.sort_values("valid_ndcg@10")
+        varying = [k for k in part if k not in metrics and part[k].nunique(dropna=False) > 1]
+        labels = ["; ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row[varying].items()
+                            if pd.notna(v)) or "base" for _, row in part.iterrows()]
+        fig, ax = plt.subplots(figsize=(12, 1.2 + 0.3 * len(part)))
+        ax.barh(range(len(part)), part["valid_ndcg@10"], color="C0")
+        ax.set_yticks(range(len(part)), labels, fontsize=7)
+        refs = bench[(bench["dataset"] == dataset) & (bench["split"] == "valid") & (bench["preset"] == cfg["preset"])
+                     & (bench["seed"] == seeds(cfg)[0])] if len(bench) else bench
+        for colour, model in (("C1", "Mamba-ItemOnly"), ("C2", "SASRec")):
+            rows = refs[refs["model"] == model] if len(refs) else refs
+            if len(rows):
+                ax.axvline(rows["ndcg@10"].iloc[-1], color=colour, ls="--", label=f"{model} (seed {seeds(cfg)[0]})")
+        low = part["valid_ndcg@10"].min()
+        ax.set_xlim(left=0.9 * low)
+        ax.set(xlabel="validation NDCG@10", title=f"Grid trials: {dataset} (HoloMamba)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+        yield fig, f"grid_trials_{safe_name(dataset)}.png"
+
+
 FIGURES = [  # (path of the result file given the config, drawing function)
     (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_learning_curves),
     (lambda cfg: Path(cfg["results_dir"]) / "ablation.csv", draw_ablation),
     (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_compression),
     (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_efficiency),
     (lambda cfg: Path(cfg["grid_csv"]), draw_grid),
+    (lambda cfg: Path(cfg["grid_csv"]), draw_grid_trials),
 ]
 
 

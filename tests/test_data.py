@@ -184,7 +184,8 @@ def test_stats_of_loaded_dataset(tmp_path):
     data = H.load_dataset(cfg_for(f"csv:{folder}", tmp_path))
     # distinct attribute values of the kept items: g1, g2 (the '<none>' placeholder is not an attribute)
     assert data.stats() == {"dataset": f"csv:{folder}", "users": 3, "items": 4, "interactions": 12,
-                            "attributes": 2}
+                            "attributes": 2, "attributes_per_item": 0.75, "items_without_attributes": 0.5,
+                            "attribute_fields": 2}
 
 
 def test_stats_stage_through_main_on_csv(tmp_path, capsys):
@@ -194,7 +195,8 @@ def test_stats_stage_through_main_on_csv(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert json.loads(out[-1]) == {"dataset": f"csv:{folder}", "users": 3, "items": 4, "interactions": 12,
-                                   "attributes": 2}
+                                   "attributes": 2, "attributes_per_item": 0.75, "items_without_attributes": 0.5,
+                                   "attribute_fields": 2}
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -343,3 +345,36 @@ def test_stats_counts_every_modulo_attribute():
     assert data.n_items == 300
     assert data.item_attributes[1:].unique().tolist() == list(range(2, 52))
     assert data.stats()["attributes"] == 50
+
+
+def test_attribute_selection_drops_uninformative_tokens_and_keeps_fields():
+    """Tokens on more than attribute_max_share of the items are dropped ('Beauty' on every item of a real
+    Amazon file); 'specific' takes the rarest remaining token; 'name:value' tokens form field 'name', plain
+    tokens the field of their position."""
+    items = ["a", "b", "c", "d", "e", "f"]
+    raw = {"a": ["Beauty", "Makeup", "Lips", "brand:X"], "b": ["Beauty", "Makeup", "Eyes"],
+           "c": ["Beauty", "Skin", "brand:X"], "d": ["Beauty", "Makeup", "Lips"], "e": ["Beauty", "Skin"],
+           "f": ["Beauty", "Hair"]}
+    cfg = H.config("synthetic")
+    ids, n, fields, n_fields = H.attribute_table(items, raw, cfg)
+    names = {1: "<none>", 2: "Makeup", 3: "Lips", 4: "brand:X", 5: "Eyes", 6: "Skin", 7: "Hair"}
+    assert n == 7 and [[names[int(i)] for i in row if i] for row in ids[1:]] == [
+        ["Makeup", "Lips", "brand:X"], ["Makeup", "Eyes"], ["Skin", "brand:X"], ["Makeup", "Lips"], ["Skin"], ["Hair"]]
+    # fields: '#1' (the second position: Makeup, Skin, Hair), '#2' (the third: Lips, Eyes), 'brand'
+    assert fields[1, :3].tolist() == [1, 2, 3] and fields[3, :2].tolist() == [1, 3] and n_fields == 3
+    first = H.attribute_table(items, raw, cfg.replace(attribute_mode="first"))[0]
+    assert first[1:, 0].tolist() == [2, 2, 3, 2, 3, 4]  # Makeup, Makeup, Skin, Makeup, Skin, Hair
+    specific, n_specific = H.attribute_table(items, raw, cfg.replace(attribute_mode="specific"))[:2]
+    vocab = {1: "<none>", 2: "Lips", 3: "Eyes", 4: "Skin", 5: "Hair"}
+    # the rarest token of each item, ties to the earlier: a Lips (2/6, as brand:X), b Eyes (1/6), c Skin (2/6)
+    assert [vocab[int(i)] for i in specific[1:, 0]] == ["Lips", "Eyes", "Skin", "Lips", "Skin", "Hair"]
+    assert n_specific == 5
+    keep_all = H.attribute_table(items, raw, cfg.replace(attribute_max_share=1.0))[0]
+    assert keep_all.gt(0).sum().item() == ids.gt(0).sum().item() + 6  # 'Beauty' back on every item
+
+
+def test_ml1m_genres_are_one_field(tmp_path):
+    write_ml1m(tmp_path)
+    data = H.load_dataset(cfg_for("ml-1m", tmp_path))
+    real = data.item_attributes > 1  # item d has no movies.dat entry: '<none>'
+    assert data.attribute_fields[real].unique().tolist() == [1] and data.stats()["attribute_fields"] == 1

@@ -251,6 +251,7 @@ def test_models_take_no_unknown_constructor_arguments():
 def test_capabilities_live_on_the_models():
     caps = {name: (cls.reads_users, cls.graph_safe, cls.recurrent) for name, cls in H.MODELS.items()}
     assert caps == {"HoloMamba": (False, True, True), "Mamba-ItemOnly": (False, True, True),
-                    "SASRec": (False, True, False), "GRU4Rec": (False, True, True), "RAMRec": (True, False, False)}
+                    "SASRec": (False, True, False), "GRU4Rec": (False, True, True), "RAMRec": (True, False, False),
+                    "HoloMamba-Shuffled": (False, True, True)}
     with pytest.raises(NotImplementedError, match="SASRec has no recurrent state"):
         build("SASRec").init_state(1)

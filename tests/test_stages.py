@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 import HoloMambaRec as H
@@ -24,6 +25,20 @@ def test_benchmark_writes_one_row_per_model_and_split(trained):
     assert len(history[history["model"].isin(MODELS)]) >= 2 * len(MODELS)
     assert len(list((trained.folder / "checkpoints").glob("*.pt"))) >= len(MODELS)
     assert not list(trained.folder.rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_benchmark_writes_the_slices_of_every_run(trained):
+    slices = rows(trained, "slices.csv")
+    assert set(slices["slice"]) == {"all users", "short-history users", "rare target items"}
+    data = trained.store.dataset(trained.configs[0])
+    for model in MODELS:
+        run = trained.store.run(trained.configs[0], model, 42)
+        mine = slices[(slices["model"] == model) & (slices["config"] == run.config)].set_index("slice")
+        assert mine.loc["all users", "ndcg@10"] == run.metrics["test"]["ndcg@10"]
+        rare = data.item_counts[data.eval_split("test", 1, False).targets] <= trained.base["cold_item_max_count"]
+        assert mine.loc["rare target items", "users"] == int(rare.sum())
+        rare_ranks = run.ranks["test"][rare]
+        assert mine.loc["rare target items", "hr@10"] == pytest.approx((rare_ranks < 10).double().mean().item())
 
 
 def test_ablation_shares_the_benchmark_run(trained):
@@ -103,7 +118,8 @@ def test_stats_stage_counts(trained, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == stats
     data = trained.store.dataset(trained.configs[0])
     assert stats == {"dataset": "synthetic", "users": data.n_users, "items": data.n_items,
-                     "interactions": sum(len(s) for s in data.sequences), "attributes": 15}
+                     "interactions": sum(len(s) for s in data.sequences), "attributes": 15,
+                     "attributes_per_item": 1.0, "items_without_attributes": 0.0, "attribute_fields": 1}
 
 
 def test_figures_are_drawn_from_the_result_files(trained):
