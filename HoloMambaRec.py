@@ -74,7 +74,7 @@ __version__ = "0.2.0"
 # key -> default dict of the paper's script, is built from it; editing GLOBAL_CONFIG (in a notebook, say)
 # changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
 # stored in every checkpoint and every run record.
-STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats")
+STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures")
 MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec", "HoloMamba-Shuffled")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
@@ -288,7 +288,8 @@ PRESETS = {
     "best": {
         "epochs": 200, "patience": 10,
         "ml-1m": {"max_len": 200, "train_window": "random", "batch_size": 256, "lr": 2e-3},
-        "amazon-beauty": {"max_len": 50, "dropout": 0.5, "label_smoothing": 0.1, "attribute_mode": "first"},
+        "amazon-beauty": {"max_len": 50, "dropout": 0.5, "label_smoothing": 0.1, "attribute_mode": "all",
+                          "binding": "roles", "attribute_loss": 0.5},
     },
     "quick": {
         "dataset": "synthetic", "models": "HoloMamba,SASRec,GRU4Rec", "max_len": 20, "d_model": 32,
@@ -1381,13 +1382,21 @@ class HoloMamba(Recommender):
             e = e + self.role_fillers(ids)
         return e
 
+    def bound_attributes(self):
+        """(F + 1, V + 1, d): every attribute vector bound to every field's role, r_f ⊛ a_v. Binding is linear,
+        so this small table (one FFT product per field and value, once per call) gives the role fillers of any
+        item by lookup, and the attribute scores of any vector by one matrix product."""
+        return bind(self.roles.unsqueeze(1), self.attr_emb.weight.unsqueeze(0))
+
     def role_fillers(self, ids):
         """Σ_f g_f · r_f ⊛ ā_{i,f} for each id: every attribute slot bound to its field's role, the values of one
-        field averaged, the fields weighted by learned gains."""
-        fields = self.attribute_fields[ids]
-        filled = bind(self.roles[fields], self.attr_emb(self.item_attributes[ids]))  # (..., A, d)
-        weights = self.slot_weights[ids] * self.field_gain[fields]
-        return (filled * weights.unsqueeze(-1).to(filled.dtype)).sum(-2)
+        field averaged, the fields weighted by learned gains. The gains are folded into the bound table and the
+        slots are looked up with an embedding: its backward sums the many repeats of a popular attribute with a
+        sorted segment reduction, where indexing's backward would pile atomic adds onto a few rows."""
+        table = self.bound_attributes() * self.field_gain[:, None, None]
+        rows = self.attribute_fields[ids] * table.shape[1] + self.item_attributes[ids]
+        filled = F.embedding(rows, table.flatten(0, 1))  # (..., A, d)
+        return (filled * self.slot_weights[ids].unsqueeze(-1).to(filled.dtype)).sum(-2)
 
     def embed(self, ids):
         """Encoder input: the normalised item vector (item dropout in training)."""
@@ -1402,10 +1411,12 @@ class HoloMamba(Recommender):
         labels = torch.where(attrs > 1, attrs, -100).flatten()
         count = labels.ne(-100).sum().clamp(min=1)
 
-        def field_loss(vectors):  # (b, t, d): unbind by each slot's role, score every attribute
-            unbound = unbind(vectors.unsqueeze(-2), self.roles[fields], exact=False)
-            logits = (unbound @ self.attr_emb.weight.T).flatten(0, -2).float()
-            return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / count
+        table = self.bound_attributes()  # (F + 1, V + 1, d)
+
+        def field_loss(vectors):  # (b, t, d): <v ⊛ r_f*, a> = <v, r_f ⊛ a>, so one product scores every field
+            scores = torch.einsum("btd,fvd->btfv", vectors, table.to(vectors.dtype))  # (b, t, F + 1, V + 1)
+            logits = scores.gather(2, fields.unsqueeze(-1).expand(*fields.shape, scores.shape[-1]))
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum") / count
 
         loss = self.attribute_loss * field_loss(hidden) if self.attribute_loss else 0.0
         if self.agreement_loss:
@@ -2276,14 +2287,14 @@ def markdown_table(df, columns):
 
 
 def summarise(rows):
-    """Mean ± std over seeds per (dataset, model, split)."""
-    df = pd.DataFrame(rows)
-    cols = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"]
-    agg = df.groupby(["dataset", "model", "split"], sort=False)[cols].agg(["mean", "std"]).fillna(0.0)
+    """Mean ± std over seeds per (dataset, model, config, split): runs of different configs are never pooled."""
+    df = pd.DataFrame(rows).astype({"config": str})
+    cols, keys = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"], ["dataset", "model", "config", "split"]
+    agg = df.groupby(keys, sort=False)[cols].agg(["mean", "std"]).fillna(0.0)
     out = agg.xs("mean", axis=1, level=1).copy()
     for c in cols:
         out[c] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(agg[(c, "mean")], agg[(c, "std")])]
-    out["seeds"] = df.groupby(["dataset", "model", "split"], sort=False)["seed"].nunique()
+    out["seeds"] = df.groupby(keys, sort=False)["seed"].nunique()
     return out.reset_index()
 
 
@@ -2351,15 +2362,22 @@ def benchmark_stage(store, configs):
               for run in runs if run.dataset == cfg["dataset"]
               for row in cold_start_rows(cfg, store.dataset(cfg), [run])]
     upsert_csv(store.results_dir / "slices.csv", slices, ["dataset", "model", "seed", "preset", "config", "slice"])
-    table = table[table["preset"] == preset]
-    write_csv(store.results_dir / "accuracy.csv",
-              table[["dataset", "model", "seed", "split"] + [c for c in METRIC_COLUMNS if "mrr@" not in c]].to_dict("records"))
-    summary = summarise(table.to_dict("records"))
-    text = (f"# Benchmark (preset `{preset}`, mean ± std over seeds)\n\n"
-            + markdown_table(summary, ["dataset", "model", "split", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr", "seeds"]))
-    write_text(store.results_dir / f"benchmark_{preset}.md", text)
-    print(text)
+    print(write_summaries(store.results_dir, table, preset))
     return [r for run in runs for r in metric_rows(run)]
+
+
+def write_summaries(results_dir, table, preset):
+    """accuracy.csv (the preset's rows of benchmark.csv: dataset, model, config, seed, split, metrics) and
+    benchmark_<preset>.md (mean ± std over seeds of each dataset, model and config). Returns the Markdown."""
+    table = table[table["preset"] == preset]
+    write_csv(results_dir / "accuracy.csv", table[["dataset", "model", "config", "seed", "split"]
+                                                  + [c for c in METRIC_COLUMNS if "mrr@" not in c]].to_dict("records"))
+    summary = summarise(table.to_dict("records"))
+    text = (f"# Benchmark (preset `{preset}`, mean ± std over seeds; config = run hash)\n\n"
+            + markdown_table(summary, ["dataset", "model", "config", "split", "hr@10", "hr@20", "ndcg@10", "ndcg@20",
+                                       "mrr", "seeds"]))
+    write_text(results_dir / f"benchmark_{preset}.md", text)
+    return text
 
 
 def ablation_stage(store, configs):
@@ -2417,7 +2435,8 @@ def grid_stage(store, configs):
             append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial,
                                   **{f"valid_{c}": round(run.metrics["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
                                   **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
-                                  "best_epoch": run.best_epoch, "train_seconds": run.train_seconds})
+                                  "best_epoch": run.best_epoch, "epochs": run.epochs, "stopped_by": run.stopped_by,
+                                  "train_seconds": run.train_seconds})
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         table = pd.read_csv(path)
@@ -2668,6 +2687,11 @@ def memory_stage(store, configs):
     return rows
 
 
+def figures_stage(store, configs):
+    """Nothing to compute: main() draws every figure from the result files after the stages (no training)."""
+    return []
+
+
 def stats_stage(store, configs):
     """Print each dataset after filtering as one JSON line."""
     rows = [store.dataset(cfg).stats() for cfg in configs]
@@ -2678,7 +2702,7 @@ def stats_stage(store, configs):
 
 STAGES = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
           "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
-          "stats": stats_stage}
+          "stats": stats_stage, "figures": figures_stage}
 assert tuple(STAGES) == STAGE_NAMES
 
 
@@ -2686,13 +2710,14 @@ assert tuple(STAGES) == STAGE_NAMES
 # §10 Figures: (result file -> drawing function), drawn from saved results, never by re-training
 # =====================================================================================================
 def draw_learning_curves(table, cfg, plt):
-    table = table[table["preset"] == cfg["preset"]]
+    table = table[table["preset"] == cfg["preset"]].astype({"config": str})
     for dataset, part in table.groupby("dataset"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for colour, (model, runs) in enumerate(part.groupby("model")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for colour, ((model, config), runs) in enumerate(part.groupby(["model", "config"])):
             for i, (seed, curve) in enumerate(runs.groupby("seed")):
-                ax.plot(curve["epoch"], curve["valid_ndcg@10"], color=f"C{colour}", lw=1,
-                        label=f"{model} ({runs['seed'].nunique()} seeds)" if i == 0 else None)
+                ax.plot(curve["epoch"], curve["valid_ndcg@10"], color=f"C{colour % 10}", lw=1,
+                        ls="-" if colour < 10 else "--",
+                        label=f"{model} {config} ({runs['seed'].nunique()} seeds)" if i == 0 else None)
         ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"Learning curves: {dataset}")
         ax.legend(fontsize=8)
         yield fig, f"learning_curves_{safe_name(dataset)}.png"
@@ -2749,7 +2774,8 @@ def draw_grid(table, cfg, plt):
 def draw_grid_trials(table, cfg, plt):
     """Validation NDCG@10 of every grid trial of a dataset, labelled by the keys its grid set, with the item-only
     and SASRec runs of the same preset and first seed (from benchmark.csv) as reference lines."""
-    metrics = {"trial", "dataset", "best_epoch", "train_seconds"} | {c for c in table if c.startswith(("valid_", "test_"))}
+    metrics = {"trial", "dataset", "best_epoch", "epochs", "stopped_by", "train_seconds"} | \
+        {c for c in table if c.startswith(("valid_", "test_"))}
     bench_path = Path(cfg["results_dir"]) / "benchmark.csv"
     bench = pd.read_csv(bench_path) if bench_path.is_file() else pd.DataFrame(columns=["dataset"])
     for dataset, part in table.groupby("dataset"):
@@ -2758,7 +2784,11 @@ def draw_grid_trials(table, cfg, plt):
         labels = ["; ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row[varying].items()
                             if pd.notna(v)) or "base" for _, row in part.iterrows()]
         fig, ax = plt.subplots(figsize=(12, 1.2 + 0.3 * len(part)))
-        ax.barh(range(len(part)), part["valid_ndcg@10"], color="C0")
+        stopped = part["stopped_by"].fillna("") if "stopped_by" in part else pd.Series("", index=part.index)
+        colours = {"patience": "C0", "time_limit": "C3"}
+        ax.barh(range(len(part)), part["valid_ndcg@10"], color=[colours.get(s, "0.6") for s in stopped])
+        for why, colour in (("ended by patience", "C0"), ("ended by the time limit", "C3"), ("end not recorded", "0.6")):
+            ax.barh([0], [0], color=colour, label=why)
         ax.set_yticks(range(len(part)), labels, fontsize=7)
         refs = bench[(bench["dataset"] == dataset) & (bench["split"] == "valid") & (bench["preset"] == cfg["preset"])
                      & (bench["seed"] == seeds(cfg)[0])] if len(bench) else bench

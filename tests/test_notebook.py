@@ -78,23 +78,24 @@ def test_notebook_finds_the_repository_root_from_a_subfolder(where):
     assert execute_notebook(ROOT / where)["ROOT"] == ROOT
 
 
-def test_accuracy_table_holds_every_dataset_model_pair_with_three_seeds(ns):
+def test_accuracy_table_holds_every_dataset_model_config_with_three_seeds(ns):
     rows = [r for r in read_rows(ROOT / "results" / "accuracy.csv") if r["split"] == "test"]
     runs = defaultdict(dict)
     for r in rows:
-        runs[(r["dataset"], r["model"])][r["seed"]] = r
+        runs[(r["dataset"], r["model"], r["config"])][r["seed"]] = r
     table = ns["accuracy_table"]
-    assert set(table.index) == set(runs) and len(table) == len(runs) == 10
+    assert set(table.index) == set(runs) and len(table) == len(runs) == 14
     assert all(len(seeds) == 3 for seeds in runs.values())
     assert (table["seeds"] == 3).all()
-    for pair, seeds in runs.items():
+    for key, seeds in runs.items():
         for m in METRICS:
             values = [float(r[m]) for r in seeds.values()]
             expected = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-            assert table.loc[pair, m] == expected, (pair, m)
+            assert table.loc[key, m] == expected, (key, m)
     # and the numbers README quotes
-    assert table.loc[("ml-1m", "HoloMamba"), "ndcg@10"] == "0.2017 ± 0.0027"
-    assert table.loc[("amazon-beauty", "HoloMamba"), "hr@10"] == "0.0976 ± 0.0007"
+    assert table.loc[("ml-1m", "HoloMamba", "b19c663d"), "ndcg@10"] == "0.2017 ± 0.0027"
+    assert table.loc[("amazon-beauty", "HoloMamba", "3f3a9798"), "hr@10"] == "0.0976 ± 0.0007"
+    assert table.loc[("amazon-beauty", "HoloMamba", "ea9a0b15"), "hr@10"] == "0.0989 ± 0.0008"
 
 
 def test_accuracy_table_agrees_with_benchmark_best_md(ns):
@@ -106,7 +107,7 @@ def test_accuracy_table_agrees_with_benchmark_best_md(ns):
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == len(columns) and cells[columns.index("split")] == "test":
-            pair = (cells[0], cells[1])
+            pair = (cells[0], cells[1], cells[columns.index("config")])
             for m in METRICS:
                 assert ns["accuracy_table"].loc[pair, m] == cells[columns.index(m)], (pair, m)
             found += 1
@@ -123,10 +124,10 @@ def test_best_grid_trial_per_dataset_maximises_validation_ndcg(ns):
     for dataset, r in best.items():
         assert table.loc[dataset, "trial"] == r["trial"]
         assert table.loc[dataset, "valid_ndcg@10"] == pytest.approx(float(r["valid_ndcg@10"]))
-    # the choices README describes: dropout 0.2 on ML-1M; the first category with label smoothing on Beauty
+    # the choices README describes: dropout 0.2 on ML-1M; role-filler binding with the attribute loss on Beauty
     assert table.loc["ml-1m", "dropout"] == 0.2
-    assert table.loc["amazon-beauty", "attribute_mode"] == "first"
-    assert table.loc["amazon-beauty", "label_smoothing"] == 0.1
+    assert table.loc["amazon-beauty", "binding"] == "roles"
+    assert table.loc["amazon-beauty", "attribute_loss"] == 0.5
 
 
 def test_compression_and_memory_tables_are_the_files(ns):
@@ -144,9 +145,31 @@ def test_learning_curves_plot_every_best_run(ns):
     runs = defaultdict(set)
     for r in read_rows(ROOT / "results" / "history.csv"):
         if r["preset"] == "best":
-            runs[r["dataset"]].add((r["model"], r["seed"]))
+            runs[r["dataset"]].add((r["model"], r["config"], r["seed"]))
     assert set(ns["history_best"]["preset"]) == {"best"}
     axes = ns["fig"].axes
     assert [ax.get_title() for ax in axes] == list(runs)
     for ax in axes:
-        assert len(ax.lines) == len(runs[ax.get_title()]) == 15  # 5 models x 3 seeds
+        assert len(ax.lines) == len(runs[ax.get_title()])
+    assert {d: len(r) for d, r in runs.items()} == {"ml-1m": 15, "amazon-beauty": 27}  # 5 (+4 attribute) configs x 3 seeds
+
+
+def test_readme_accuracy_table_is_the_result_files():
+    """Every row of README's accuracy table equals the mean ± std over seeds of its runs in accuracy.csv (rows that
+    name a config hash are that config; the others are the only config of their model in the preset)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Accuracy (preset `best`, 3 seeds, test split, mean ± std)", 1)[1].split("\n\n", 2)[1]
+    rows = [r for r in read_rows(ROOT / "results" / "accuracy.csv") if r["split"] == "test"]
+    checked = 0
+    for line in section.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        dataset, label = cells[0], cells[1].replace("*", "")
+        model = label.split(",")[0].strip()
+        hashes = [h for h in label.split("`")[1::2] if len(h) == 8 and all(c in "0123456789abcdef" for c in h)]
+        mine = [r for r in rows if r["dataset"] == dataset and r["model"] == model and (not hashes or r["config"] == hashes[0])]
+        assert len({r["config"] for r in mine}) == 1 and len(mine) == 3, line
+        for m, cell in zip(["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"], cells[2:]):
+            values = [float(r[m]) for r in mine]
+            assert cell.replace("*", "") == f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}", (line, m)
+        checked += 1
+    assert checked == 13  # 14 configs in accuracy.csv; the control of `binding=both` is in the Attributes section
