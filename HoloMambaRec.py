@@ -35,7 +35,6 @@ import ast
 import contextlib
 import copy
 import csv
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -58,6 +57,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -74,7 +74,7 @@ __version__ = "0.2.0"
 # key -> default dict of the paper's script, is built from it; editing GLOBAL_CONFIG (in a notebook, say)
 # changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
 # stored in every checkpoint and every run record.
-STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures")
+STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures", "recommend")
 MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec", "HoloMamba-Shuffled")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
@@ -191,6 +191,11 @@ CONFIG_TABLE = {
     "efficiency_items": Key(3416, "stage", above(0), "efficiency stage: catalog size of the sequence-length rows (ML-1M's)"),
     "efficiency_catalogs": Key("10000,100000,1000000", "stage", positive_ints(), "efficiency stage: catalog sizes for full vs sampled softmax"),
     "efficiency_negatives": Key(256, "stage", above(0), "efficiency stage: negatives of the sampled-softmax catalog rows"),
+    "checkpoint": Key("", "stage", None, "recommend stage: the checkpoint to recommend from (a .pt written by a run or by save())"),
+    "user": Key("", "stage", None, "recommend stage: a known user's raw id: top-k after their whole history"),
+    "history": Key("", "stage", None, "recommend stage: a new user's raw item ids, oldest first, comma-separated"),
+    "users_file": Key("", "stage", None, "recommend stage: a CSV of users (column 'user', or the first column): top-k of each, written to results_dir/recommendations.csv"),
+    "k": Key(10, "stage", above(0), "recommend stage: recommendations per user"),
     "efficiency_target_ndcg": Key(0.15, "stage", fraction(closed_low=False), "efficiency stage: time-to-quality threshold of validation NDCG@10 on ML-1M"),
     # ---- data ---------------------------------------------------------------------------------------
     "dataset": Key("ml-1m,amazon-beauty", "data", dataset_names, "comma list: ml-1m, amazon-beauty, synthetic, csv:<dir>, recbole:<dir>/<name>"),
@@ -198,6 +203,7 @@ CONFIG_TABLE = {
     "min_item_count": Key(5, "data", at_least(0), "k-core: keep items with at least this many interactions"),
     "attribute_mode": Key("all", "data", one_of("first", "specific", "all", "modulo"), "first (the item's first attribute, as the paper) | specific (its rarest attribute) | all (every attribute) | modulo (paper's Beauty parity: item_id % 50)"),
     "max_attributes": Key(8, "data", above(0), "at most this many attributes per item in 'all' mode"),
+    "columns": Key("", "data", None, "csv datasets: the user, item and (optional) timestamp column names, e.g. user_id,item_id,ts (empty: recognised by name)"),
     "attribute_max_share": Key(0.5, "data", fraction(closed_low=False, closed_high=True), "drop attribute tokens carried by more than this share of the items (they tell items apart no better than nothing)"),
     # ---- model --------------------------------------------------------------------------------------
     "max_len": Key(50, "model", at_least(2), "length of the input window (most recent items)"),
@@ -238,7 +244,7 @@ CONFIG_TABLE = {
     "eval_every": Key(1, "training", above(0), "evaluate on validation every this many epochs"),
     "time_limit": Key(0.0, "training", at_least(0), "stop training a run after this many minutes (0 = no limit); the best weights so far are kept"),
     "stop_at_ndcg": Key(0.0, "training", fraction(closed_high=True), "stop training once validation NDCG@10 reaches this (0 = off)"),
-    "exclude_seen": Key(True, "training", None, "rank only items the user has not interacted with before the target (as the published baselines), in model selection and in the test"),
+    "exclude_seen": Key("auto", "training", one_of("auto", "true", "false"), "rank only items the user has not interacted with before the target (as the published baselines), in model selection, the test and recommendations; auto = true unless some user repeats an item in the data"),
     # ---- evaluation ---------------------------------------------------------------------------------
     "eval_batch_size": Key(1024, "evaluation", above(0), "users per evaluation batch"),
     "cold_user_fraction": Key(0.2, "evaluation", fraction(closed_low=False, closed_high=True), "cold-start slice: the users with the shortest training histories (this fraction)"),
@@ -252,10 +258,10 @@ CONFIG_TABLE = {
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
     "download": Key(True, "system", None, "download missing official files into data_dir (needs internet)"),
     # ---- output -------------------------------------------------------------------------------------
-    "results_dir": Key("results", "output", None, "CSV / JSON / Markdown outputs, and one JSON record per run under runs/"),
-    "figures_dir": Key("figures", "output", None, "PNG figures, drawn from the result files"),
-    "checkpoint_dir": Key("checkpoints", "output", None, "best weights of each run, with their config"),
-    "grid_csv": Key("grid_search_results.csv", "output", None, "grid-search log: one row per finished trial, appended as it finishes"),
+    "results_dir": Key("results/{dataset}/{preset}", "output", None, "CSV / JSON / Markdown outputs and one JSON record per run (runs/); {dataset} and {preset} name the run's folder, so a run never writes over another's (the paper's results are in results/paper)"),
+    "figures_dir": Key("{results_dir}/figures", "output", None, "PNG figures, drawn from this run's result files"),
+    "checkpoint_dir": Key("checkpoints/{dataset}/{preset}", "output", None, "best weights of each run, with their config, raw ids and data fingerprint"),
+    "grid_csv": Key("{results_dir}/grid_search_results.csv", "output", None, "grid-search log: one row per finished trial, appended as it finishes (the paper's: ./grid_search_results.csv)"),
 }
 GLOBAL_CONFIG = {name: key.default for name, key in CONFIG_TABLE.items()}
 
@@ -294,8 +300,7 @@ PRESETS = {
     "quick": {
         "dataset": "synthetic", "models": "HoloMamba,SASRec,GRU4Rec", "max_len": 20, "d_model": 32,
         "n_layers": 1, "epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 3, "dropout": 0.1,
-        "results_dir": "results/quick", "figures_dir": "figures/quick", "checkpoint_dir": "checkpoints/quick",
-        "grid_csv": "results/quick/grid_search_results.csv", "grid_max_trials": 2,
+        "grid_max_trials": 2,
         "compression_len": 32, "bundle_windows": "1,2,4", "efficiency_lengths": "32,128", "efficiency_batch": 16,
         "efficiency_catalogs": "1000,10000",
     },
@@ -309,6 +314,8 @@ def coerce(key, value):
     default = GLOBAL_CONFIG[key]
     kind = type(default)
     try:
+        if kind is str and isinstance(value, bool):  # a switch that also has 'auto': true / false
+            return str(value).lower()
         if isinstance(value, str) and kind is not str:
             if kind is bool:
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -378,8 +385,12 @@ class Config(Mapping):
 
 def run_hash(cfg):
     """Short hash of the keys that change a trained model: the data, model and training roles. Outputs, stages,
-    seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately)."""
-    blob = json.dumps(sorted(Config(cfg).of_role(*HASHED_ROLES).items()))
+    seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately).
+    exclude_seen is hashed as the boolean it was before 'auto' existed, so a run keeps its hash; a run resolves
+    'auto' for its data before it is hashed (RunStore.run)."""
+    values = Config(cfg).of_role(*HASHED_ROLES)
+    values["exclude_seen"] = {"true": True, "false": False}.get(values["exclude_seen"], values["exclude_seen"])
+    blob = json.dumps(sorted(values.items()))
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
@@ -401,9 +412,29 @@ def resolve_config(overrides=None, dataset=None):
     if dataset is not None:
         values.update(preset.get(dataset, {}))
     values.update(overrides)
+    values.update(output_paths(values))  # named for the invocation's datasets, the same in every dataset's config
     if dataset is not None:
         values["dataset"] = dataset
     return Config(values)
+
+
+def output_paths(values):
+    """The output keys with {dataset} (the invocation's datasets, e.g. ml-1m+amazon-beauty, csv-mydata), {preset}
+    and {results_dir} filled in."""
+    label = "+".join(dataset_label(d) for d in as_list(values["dataset"])) or "none"
+    fill = {"dataset": label, "preset": values["preset"]}
+    out = {k: str(values[k]).replace("{dataset}", fill["dataset"]).replace("{preset}", fill["preset"])
+           for k in ("results_dir", "checkpoint_dir")}
+    out.update({k: str(values[k]).replace("{dataset}", fill["dataset"]).replace("{preset}", fill["preset"])
+                .replace("{results_dir}", out["results_dir"]) for k in ("figures_dir", "grid_csv")})
+    return out
+
+
+def dataset_label(name):
+    """A folder-safe name of a dataset: ml-1m, csv-mydata (for csv:path/to/mydata), recbole-toy."""
+    kind, sep, rest = name.partition(":")
+    label = f"{kind}-{Path(rest).stem or Path(rest).name}" if sep else name
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", label)
 
 
 def config(dataset=None, **overrides):
@@ -458,7 +489,9 @@ def argument_parser():
             if key.role != role:
                 continue
             shown = str(key.default).lower() if isinstance(key.default, bool) else (str(key.default) or '""')
-            flag = {"nargs": "?", "const": "true"} if isinstance(key.default, bool) else {}
+            switch = isinstance(key.default, bool) or (isinstance(key.default, str) and key.check is not None
+                                                       and key.check("true") is None)  # exclude_seen: auto/true/false
+            flag = {"nargs": "?", "const": "true"} if switch else {}
             group.add_argument(f"--{name}", dest=name, metavar=shown, default=argparse.SUPPRESS,
                                help=key.meaning.replace("%", "%%"), **flag)
     return parser
@@ -562,13 +595,18 @@ def find_dataset_files(name, cfg):
 
 
 def csv_files(spec):
-    """(interactions file, attribute file or None) of a csv:<dir> dataset."""
+    """(interactions file, attribute file or None) of a csv:<dir or file> dataset; .tsv files work alike."""
     folder = Path(spec).expanduser()
-    path = folder / "interactions.csv" if folder.is_dir() else folder
+    if folder.is_dir():
+        path = next((folder / f"interactions.{x}" for x in ("csv", "tsv") if (folder / f"interactions.{x}").is_file()),
+                    folder / "interactions.csv")
+    else:
+        path = folder
     if not path.is_file():
-        raise DataError(f"{path} not found: a csv dataset needs interactions.csv with columns user,item,timestamp")
-    attributes = path.parent / "item_attributes.csv"
-    return path, attributes if attributes.is_file() else None
+        raise DataError(f"{path} not found: a csv dataset is a folder with interactions.csv (or .tsv), or the file "
+                        "itself, with a user, an item and optionally a timestamp column")
+    attributes = [path.parent / f"item_attributes.{x}" for x in ("csv", "tsv")]
+    return path, next((a for a in attributes if a.is_file()), None)
 
 
 def recbole_files(spec):
@@ -649,22 +687,78 @@ def load_amazon_beauty(reviews_path, meta_path):
     return df, attributes
 
 
-def load_csv_dataset(path, attr_path=None):
-    """Generic format: interactions.csv (user,item,timestamp) and optional item_attributes.csv
-    (item,attributes with attributes separated by '|')."""
+COLUMN_NAMES = {  # names recognised for each column of a csv dataset, compared in lower case
+    "user": ("user", "user_id", "userid", "uid", "customer_id", "visitor_id", "reviewer_id", "reviewerid"),
+    "item": ("item", "item_id", "itemid", "iid", "product_id", "movie_id", "asin", "track_id"),
+    "time": ("timestamp", "time", "ts", "datetime", "date", "unix_time", "event_time", "unixreviewtime"),
+}
+
+
+def read_table(path):
+    """A CSV or, by extension (.tsv, .tab), tab-separated file, every cell as text."""
     with reading(path):
-        df = pd.read_csv(path, dtype={"user": str, "item": str})
-    missing = {"user", "item", "timestamp"} - set(df.columns)
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {sorted(missing)}: expected user,item,timestamp")
-    df = df.rename(columns={"timestamp": "time"})[["user", "item", "time"]]
+        return pd.read_csv(path, sep="\t" if Path(path).suffix in (".tsv", ".tab") else ",", dtype=str,
+                           keep_default_na=False)
+
+
+def pick_columns(df, path, columns):
+    """{'user': name, 'item': name, 'time': name or None}: from `columns` (user,item[,time]) or by name."""
+    if columns:
+        names = as_list(columns)
+        if len(names) not in (2, 3):
+            raise DataError(f"--columns={columns}: give user,item or user,item,timestamp column names")
+        missing = [n for n in names if n not in df.columns]
+        if missing:
+            raise DataError(f"{path} has no column {missing[0]!r} (--columns={columns}); its columns: {list(df.columns)}")
+        return dict(zip(("user", "item", "time"), names + [None] * (3 - len(names))))
+    lower = {c.lower(): c for c in df.columns}
+    found = {role: next((lower[n] for n in names if n in lower), None) for role, names in COLUMN_NAMES.items()}
+    for role in ("user", "item"):
+        if found[role] is None:
+            raise DataError(f"{path}: no {role} column among {list(df.columns)}; name it {role}, or map the columns "
+                            "with --columns=USER,ITEM[,TIMESTAMP]")
+    return found
+
+
+def parse_times(values, path, first_line=2):
+    """Timestamps as numbers (epoch or any number) or date strings, as int64. A value that is neither, or blank,
+    is an error naming the file and its line: never a silent sort of text."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return numbers.to_numpy()
+    dates = pd.to_datetime(values, errors="coerce", format="mixed")
+    if dates.notna().all():
+        return dates.astype("int64").to_numpy()
+    parsed = dates if dates.notna().sum() > numbers.notna().sum() else numbers
+    bad = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+    raise DataError(f"{path}, line {bad + first_line}: timestamp {values.iloc[bad]!r} is neither a number nor a date; "
+                    "fix or remove that row")
+
+
+def load_csv_dataset(path, attr_path=None, columns=""):
+    """Your own data: interactions with a user, an item and optionally a timestamp column (named as in
+    COLUMN_NAMES, or mapped with --columns), CSV or TSV by extension; optional item_attributes with item and
+    attributes columns ('|'-separated). Without a timestamp the file order is the time order. Exact duplicate
+    rows are dropped and counted."""
+    df = read_table(path)
+    chosen = pick_columns(df, path, columns)
+    if chosen["time"] is None:
+        print(f"{path}: no timestamp column, so each user's events are taken in file order", file=sys.stderr)
+        time = np.arange(len(df))
+    else:
+        time = parse_times(df[chosen["time"]], path)
+    df = pd.DataFrame({"user": df[chosen["user"]].to_numpy(), "item": df[chosen["item"]].to_numpy(), "time": time})
+    duplicates = int(df.duplicated().sum())
+    if duplicates:
+        print(f"{path}: dropped {duplicates} duplicate row(s) (same user, item and time)", file=sys.stderr)
+        df = df.drop_duplicates(ignore_index=True)
     attributes = {}
     if attr_path is not None:
-        with reading(attr_path):
-            meta = pd.read_csv(attr_path, dtype=str).fillna("")
-        if {"item", "attributes"} - set(meta.columns):
+        meta = read_table(attr_path)
+        item_column = next((c for c in meta.columns if c.lower() in COLUMN_NAMES["item"]), None)
+        if item_column is None or "attributes" not in meta.columns:
             raise DataError(f"{attr_path} needs the columns item,attributes ('|'-separated attributes)")
-        attributes = {i: [a for a in s.split("|") if a] for i, s in zip(meta["item"], meta["attributes"])}
+        attributes = {i: [a for a in s.split("|") if a] for i, s in zip(meta[item_column], meta["attributes"])}
     return df, attributes
 
 
@@ -683,7 +777,7 @@ def load_recbole_dataset(inter, item_file=None):
     if missing:
         raise DataError(f"{inter} lacks the field(s) {sorted(missing)}")
     df = df.rename(columns={"user_id": "user", "item_id": "item", "timestamp": "time"})[["user", "item", "time"]]
-    df["time"] = pd.to_numeric(df["time"])
+    df["time"] = parse_times(df["time"], inter)
     attributes = {}
     if item_file is not None:
         meta = read_atomic(item_file).fillna("")
@@ -715,7 +809,7 @@ def synthetic_interactions(n_users=600, n_items=300, n_attributes=15, min_len=12
     return df, {i: [f"attr{item_attr[i]}"] for i in range(n_items)}
 
 
-def load_raw(name, files):
+def load_raw(name, files, columns=""):
     """(interactions, attributes) of dataset `name` from its source files (see dataset_files)."""
     if name == "ml-1m":
         return load_ml1m(*files)
@@ -724,7 +818,7 @@ def load_raw(name, files):
     if name == "synthetic":
         return synthetic_interactions(**SYNTHETIC)
     if name.startswith("csv:"):
-        return load_csv_dataset(*files)
+        return load_csv_dataset(*files, columns=columns)
     return load_recbole_dataset(*files)
 
 
@@ -765,6 +859,68 @@ class EvalSplit(NamedTuple):
                          self.ends.to(device), seen)
 
 
+class IdIndex:
+    """What a trained model needs to take and give raw ids: the raw id of every item (item i at i - 1) and user,
+    every user's history (internal item ids, oldest first), whether some user repeats an item, and a fingerprint
+    of the data. Raw ids are matched as text, so 1193 and "1193" name the same movie."""
+
+    def __init__(self, items, users, histories, fingerprint, has_repeats):
+        self.items, self.users = list(items), list(users)
+        self.histories = [np.asarray(h, dtype=np.int64) for h in histories]
+        self.fingerprint, self.has_repeats = fingerprint, bool(has_repeats)
+        self.item_of = {str(raw): i + 1 for i, raw in enumerate(self.items)}
+        self.user_of = {str(raw): row for row, raw in enumerate(self.users)}
+
+    def item_ids(self, raw_items, skip_unknown=False):
+        """Internal ids of raw item ids; an unknown id is an error naming it, or skipped with skip_unknown."""
+        ids = [self.item_of.get(str(raw)) for raw in raw_items]
+        unknown = [raw for raw, i in zip(raw_items, ids) if i is None]
+        if unknown and not skip_unknown:
+            raise DataError(f"unknown item id(s) {unknown[:5]}: not in the catalog the model was trained on "
+                            f"({len(self.items)} items); skip them with skip_unknown=True")
+        return np.array([i for i in ids if i is not None], dtype=np.int64)
+
+    def row(self, user, add=False):
+        """The row of a raw user id; with add, a new user gets a new, empty row; otherwise unknown is an error."""
+        row = self.user_of.get(str(user))
+        if row is None and add:
+            row = self.user_of[str(user)] = len(self.users)
+            self.users.append(user)
+            self.histories.append(np.zeros(0, dtype=np.int64))
+        if row is None:
+            raise DataError(f"unknown user '{user}': not among the {len(self.users)} users the model was trained on; "
+                            "give their items as a history instead")
+        return row
+
+    def payload(self):
+        """Plain data for a checkpoint (torch.load(weights_only=True) reads it)."""
+        lengths = torch.as_tensor([len(h) for h in self.histories], dtype=torch.long)
+        flat = np.concatenate(self.histories) if self.histories else np.zeros(0, dtype=np.int64)
+        return {"items": [as_plain(x) for x in self.items], "users": [as_plain(x) for x in self.users],
+                "history_items": torch.as_tensor(flat, dtype=torch.int32), "history_lengths": lengths,
+                "fingerprint": self.fingerprint, "has_repeats": self.has_repeats}
+
+    @classmethod
+    def from_payload(cls, p):
+        histories = np.split(p["history_items"].numpy().astype(np.int64), np.cumsum(p["history_lengths"].numpy())[:-1])
+        return cls(p["items"], p["users"], histories, p["fingerprint"], p["has_repeats"])
+
+
+def as_plain(value):
+    """A numpy scalar as the Python int / float / str it holds."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def data_fingerprint(sequences, raw_items, raw_users, item_attributes):
+    """sha256 (16 hex digits) of the prepared data: every sequence, the raw ids and the attribute table."""
+    digest = hashlib.sha256()
+    digest.update(np.array([len(x) for x in sequences], dtype=np.int64).tobytes())
+    digest.update(np.concatenate(sequences).astype(np.int64).tobytes())
+    digest.update(json.dumps([str(x) for x in raw_items] + [str(x) for x in raw_users]).encode())
+    digest.update(item_attributes.numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class SequenceData:
     """A dataset after filtering: each user's item ids in time order (items 1..n; 0 is padding)."""
@@ -778,6 +934,9 @@ class SequenceData:
     item_counts: torch.Tensor  # (n_items + 1,) training-split interaction counts (popularity)
     attribute_fields: torch.Tensor | None = None  # (n_items + 1, A) field of each attribute, 0 = none
     n_fields: int = 1
+    raw_items: np.ndarray | None = None  # raw id of item i at position i - 1
+    raw_users: np.ndarray | None = None  # raw id of the user of each sequence
+    has_repeats: bool = False  # some user interacted with the same item more than once
 
     @property
     def catalog(self):
@@ -800,6 +959,14 @@ class SequenceData:
 
     def train_lengths(self):
         return torch.as_tensor([len(s) - 2 for s in self.sequences])
+
+    @functools.cached_property
+    def index(self):
+        """Raw ids, histories and fingerprint (IdIndex): what a model built on this data keeps in its checkpoint."""
+        items = self.raw_items if self.raw_items is not None else np.arange(1, self.n_items + 1)
+        users = self.raw_users if self.raw_users is not None else np.arange(self.n_users)
+        return IdIndex(items, users, self.sequences, data_fingerprint(self.sequences, items, users, self.item_attributes),
+                       self.has_repeats)
 
     def stats(self):
         """Counts after filtering; attributes = distinct attribute values of the kept items, with how many an
@@ -874,7 +1041,8 @@ def prepare_dataset(name, df, raw_attributes, cfg):
     counts = np.zeros(len(items) + 1, dtype=np.int64)
     np.add.at(counts, np.concatenate([s[:-2] for s in sequences]), 1)
     return SequenceData(name, len(sequences), len(items), n_attributes, len(df), item_attributes,
-                        sequences, torch.from_numpy(counts), attribute_fields, n_fields)
+                        sequences, torch.from_numpy(counts), attribute_fields, n_fields, items,
+                        df["user"].to_numpy()[starts], bool(df.duplicated(["user", "item"]).any()))
 
 
 def attribute_table(items, raw_attributes, cfg):
@@ -909,6 +1077,12 @@ def attribute_table(items, raw_attributes, cfg):
     return torch.tensor(ids, dtype=torch.long), len(vocab), torch.tensor(fields, dtype=torch.long), len(field_ids)
 
 
+def excludes_seen(cfg, data):
+    """cfg['exclude_seen'] resolved for data: auto excludes a user's earlier items from the ranking unless some
+    user repeats an item (then a repeated target would be an automatic miss, and a repeat never recommended)."""
+    return {"true": True, "false": False}.get(cfg["exclude_seen"], not data.has_repeats)
+
+
 def data_key(cfg, files):
     """What identifies a prepared dataset: the data role's keys and the source files (path, size, mtime)."""
     stamps = tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in files if p)
@@ -917,7 +1091,7 @@ def data_key(cfg, files):
 
 def read_dataset(cfg):
     """Read, filter and index cfg['dataset'] (one dataset) from its source files."""
-    return prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], dataset_files(cfg)), cfg)
+    return prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], dataset_files(cfg), cfg["columns"]), cfg)
 
 
 def catalog_only(n_items, n_attributes=50):
@@ -1221,6 +1395,94 @@ class Recommender(nn.Module):
         super().__init__()
         self.config, self.catalog = dict(cfg), catalog
         self.input_len = cfg["max_len"]  # items the model reads per user (a memory model reads more)
+        self.index = None  # IdIndex of the data it was built for: raw ids and histories (build_model, load)
+        self.streams, self.stream_table = {}, None  # observe(): recurrent state per user row, the output table
+
+    def train(self, mode=True):
+        self.stream_table = None  # weights may change: the cached output table of observe() is stale
+        return super().train(mode)
+
+    def id_index(self):
+        if self.index is None:
+            raise DataError(f"this {self.name} has no raw-id index: build it from a dataset (build_model(name, data)) "
+                            "or load a checkpoint saved from such a model")
+        return self.index
+
+    def excluding_seen(self, exclude_seen=None):
+        """exclude_seen given, else the model's own setting ('auto': unless its data has repeated items)."""
+        if exclude_seen is not None:
+            return bool(exclude_seen)
+        return {"true": True, "false": False}.get(str(self.config.get("exclude_seen", "auto")).lower(),
+                                                  not self.id_index().has_repeats)
+
+    @torch.no_grad()
+    def recommend(self, user=None, history=None, k=10, exclude_seen=None, skip_unknown=False):
+        """Top-k [(raw item id, score)] after a known user's whole history (user=raw id) or after a new user's
+        items (history=[raw item ids], oldest first). exclude_seen (default: the model's setting) leaves out the
+        items of that history."""
+        if (user is None) == (history is None):
+            raise ValueError("give either user= (a known user's raw id) or history= (raw item ids), not both")
+        index = self.id_index()
+        if user is not None:
+            row = index.row(user)
+            return self.top_k([index.histories[row]], [row], k, exclude_seen)[0]
+        return self.top_k([index.item_ids(list(history), skip_unknown)], [None], k, exclude_seen)[0]
+
+    @torch.no_grad()
+    def recommend_many(self, users, k=10, exclude_seen=None, batch_size=1024):
+        """Top-k of many known users, in batches: a DataFrame (user, rank, item, score)."""
+        index, rows = self.id_index(), []
+        for start in range(0, len(users), batch_size):
+            part = list(users[start:start + batch_size])
+            ids = [index.row(u) for u in part]
+            for user, recs in zip(part, self.top_k([index.histories[r] for r in ids], ids, k, exclude_seen)):
+                rows += [{"user": user, "rank": rank + 1, "item": item, "score": score}
+                         for rank, (item, score) in enumerate(recs)]
+        return pd.DataFrame(rows, columns=["user", "rank", "item", "score"])
+
+    def top_k(self, histories, rows, k, exclude_seen=None, scores=None):
+        """[(raw item, score)] * len(histories): the model's next-item scores after each history (or `scores`
+        given), seen items masked when excluded."""
+        index, device = self.id_index(), model_device(self)
+        if scores is None:
+            self.eval()
+            items = left_pad([h[-self.input_len:] for h in histories], self.input_len).to(device)
+            known = all(r is not None for r in rows)
+            users = torch.as_tensor(rows, device=device) if known else None
+            ends = torch.as_tensor([len(h) for h in histories], device=device) if known else None
+            with autocast(self.config, device):
+                scores = self.score_next(Batch(items, users=users, ends=ends))
+        if self.excluding_seen(exclude_seen):
+            for i, h in enumerate(histories):
+                if len(h):
+                    scores[i, torch.tensor(h, device=scores.device) - 1] = float("-inf")
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        return [[(index.items[i], float(v)) for i, v in zip(ids.tolist(), vals.tolist()) if math.isfinite(v)]
+                for ids, vals in zip(top.indices, top.values)]
+
+    @torch.no_grad()
+    def observe(self, user, item, k=10, exclude_seen=None):
+        """Fold one new interaction (raw ids) into the model and return the user's top-k after it. A recurrent
+        model takes one O(1) step of the user's state (its first observation of a user steps through their
+        history once); the others read the window again. A new user starts an empty history."""
+        index = self.id_index()
+        row = index.row(user, add=True)
+        new = index.item_ids([item])
+        if not self.recurrent:
+            index.histories[row] = np.concatenate([index.histories[row], new])
+            return self.top_k([index.histories[row]], [row], k, exclude_seen)[0]
+        device = model_device(self)
+        self.eval()
+        if self.stream_table is None:
+            self.stream_table = self.output_table()[1:].float()
+        state = self.streams.get(row)
+        if state is None:
+            state = self.init_state(1)
+            for earlier in index.histories[row]:
+                _, state = self.step(state, torch.tensor([earlier], device=device), self.stream_table)
+        scores, self.streams[row] = self.step(state, torch.as_tensor(new, device=device), self.stream_table)
+        index.histories[row] = np.concatenate([index.histories[row], new])
+        return self.top_k([index.histories[row]], [row], k, exclude_seen, scores=scores.clone())[0]
 
     def output_table(self):
         """(n_items + 1, d) output vectors; row 0 (padding) is never ranked."""
@@ -1753,6 +2015,7 @@ def build_model(name, data, cfg=None, device=None, **overrides):
     device = pick_device(cfg["device"]) if device is None else torch.device(device)
     catalog = data.catalog if isinstance(data, SequenceData) else data
     model = MODELS[name](cfg, catalog)
+    model.index = data.index if isinstance(data, SequenceData) else None
     model.set_scan_backend(pick_scan_backend(cfg["scan_backend"], device))
     return model.to(device)
 
@@ -1946,7 +2209,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", **overrides):
     cfg = Config(cfg if cfg is not None else model.config).replace(**overrides)
     device = model_device(model)
     windows = TrainingWindows(data, model.input_len, device)
-    valid = data.eval_split("valid", model.input_len, cfg["exclude_seen"], device)
+    valid = data.eval_split("valid", model.input_len, excludes_seen(cfg, data), device)
     runner, world, rank = model, 1, 0
     if distributed and torch.distributed.is_initialized():
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -2056,7 +2319,7 @@ def evaluate(model, data, which="test", cfg=None):
     """Full-ranking metrics (HR, NDCG, MRR at 5, 10, 20 and the full MRR) of `model` on data's valid or test
     split; cfg (default: the model's own config) decides exclude_seen and the batch size."""
     cfg = Config(cfg if cfg is not None else model.config)
-    split = data.eval_split(which, model.input_len, cfg["exclude_seen"], model_device(model))
+    split = data.eval_split(which, model.input_len, excludes_seen(cfg, data), model_device(model))
     return full_ranking_metrics(rank_targets(model, split, cfg))
 
 
@@ -2108,13 +2371,16 @@ def write_text(path, text):
 
 
 def save(model, path, **info):
-    """Save a model as a self-describing checkpoint: its name, full config, catalog (item count, user count,
-    attribute table) and weights, plus any JSON-like `info` (metrics, epoch, history). Load it with load()
-    (torch.load(path, weights_only=True) reads it too)."""
+    """Save a model as a self-describing checkpoint: the code version, its name, full config, catalog (item and
+    user counts, attribute table and fields), its raw-id index (raw item and user ids, every user's history, the
+    data's fingerprint) and weights, plus any JSON-like `info` (metrics, epoch, history). Load it with load() on
+    any device (torch.load(path, weights_only=True) reads it too)."""
     catalog = model.catalog
     payload = {"format": "holomambarec", "version": __version__, "model": model.name, "config": dict(model.config),
                "catalog": {"n_items": catalog.n_items, "n_users": catalog.n_users, "n_attributes": catalog.n_attributes,
-                           "item_attributes": catalog.item_attributes.cpu()},
+                           "item_attributes": catalog.item_attributes.cpu(), "n_fields": catalog.n_fields,
+                           "attribute_fields": None if catalog.attribute_fields is None else catalog.attribute_fields.cpu()},
+               "index": None if model.index is None else model.index.payload(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -2147,6 +2413,7 @@ def load(path, device=None):
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG alone
         model = build_model(payload["model"], Catalog(**payload["catalog"]), cfg, device)
     model.load_state_dict(payload["state_dict"])
+    model.index = IdIndex.from_payload(payload["index"]) if payload.get("index") else None
     return model.eval()
 
 
@@ -2167,6 +2434,7 @@ class Run:
     history: list
     checkpoint: str
     cfg: dict
+    data_fingerprint: str = ""
     ranks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -2185,8 +2453,8 @@ class RunStore:
     """The state of one invocation, passed explicitly to every stage: prepared datasets (memoised by their
     data key), finished runs (memoised by identity) and the output folders."""
 
-    def __init__(self, cfg):
-        self.cfg = Config(cfg)
+    def __init__(self, cfg, given=()):
+        self.cfg, self.given = Config(cfg), set(given)  # given: the keys the user set (the rest are defaults)
         self.results_dir, self.checkpoint_dir = Path(cfg["results_dir"]), Path(cfg["checkpoint_dir"])
         self.figures_dir, self.grid_csv = Path(cfg["figures_dir"]), Path(cfg["grid_csv"])
         self.resume = cfg["resume"]
@@ -2197,22 +2465,30 @@ class RunStore:
         files = dataset_files(cfg)
         key = data_key(cfg, files)
         if key not in self.datasets:
-            self.datasets[key] = prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], files), cfg)
+            data = self.datasets[key] = prepare_dataset(cfg["dataset"], *load_raw(cfg["dataset"], files, cfg["columns"]), cfg)
+            if cfg["exclude_seen"] == "auto" and is_main_process():
+                print(f"[{cfg['dataset']}] exclude_seen=auto -> {str(excludes_seen(cfg, data)).lower()}: "
+                      + ("some user repeats an item" if data.has_repeats else "no user repeats an item"), file=sys.stderr)
         return self.datasets[key]
 
     def run(self, cfg, model_name, seed, distributed=True):
         """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
         rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record."""
-        cfg = Config(cfg)
+        data = self.dataset(cfg)
+        cfg = Config(cfg).replace(exclude_seen=str(excludes_seen(cfg, data)).lower())  # 'auto' resolved for the data
         key = (cfg["dataset"], model_name, seed, run_hash(cfg))
         if key in self.runs:
             return self.runs[key]
-        data, device = self.dataset(cfg), pick_device(cfg["device"])
+        device = pick_device(cfg["device"])
         checkpoint = self.checkpoint_dir / f"{run_name(*key)}.pt"
         record_path = self.results_dir / "runs" / f"{run_name(*key)}.json"
         set_seed(seed)
         model = build_model(model_name, data, cfg, device)
         resumed = self.resume and checkpoint.is_file() and record_path.is_file()
+        if resumed and json.loads(record_path.read_text()).get("data_fingerprint") != data.index.fingerprint:
+            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] not resumed: {checkpoint} was trained on "
+                       "other data (its fingerprint differs); training again", file=sys.stderr)
+            resumed = False
         if resumed:
             model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
             stored = json.loads(record_path.read_text())
@@ -2224,11 +2500,11 @@ class RunStore:
             model.load_state_dict(result.best_state)
             info = {"epochs": result.epochs, "stopped_by": result.stopped_by, "best_epoch": result.best_epoch,
                     "train_seconds": round(time.perf_counter() - start, 2), "history": result.history}
-        ranks = {split: rank_targets(model, data.eval_split(split, model.input_len, cfg["exclude_seen"], device), cfg).cpu()
+        ranks = {split: rank_targets(model, data.eval_split(split, model.input_len, excludes_seen(cfg, data), device), cfg).cpu()
                  for split in ("valid", "test")}
         run = Run(cfg["dataset"], model_name, seed, key[-1], scan_backend=model.scan_backend,
                   metrics={s: full_ranking_metrics(r) for s, r in ranks.items()}, checkpoint=str(checkpoint),
-                  cfg=dict(cfg), ranks=ranks, **info)
+                  cfg=dict(cfg), data_fingerprint=data.index.fingerprint, ranks=ranks, **info)
         shared = distributed and torch.distributed.is_initialized()  # DDP: every rank holds the same weights
         if not resumed and (is_main_process() or not shared):
             save(model, checkpoint, metrics=run.metrics, epoch=run.best_epoch)
@@ -2251,6 +2527,7 @@ def metric_rows(run, **extra):
     """One results row per split of a run: dataset, model, seed, split, metrics, and provenance."""
     return [{"dataset": run.dataset, "model": run.model, "seed": run.seed, "split": split,
              **{c: round(m[c], 6) for c in METRIC_COLUMNS}, **extra, "config": run.config,
+             "exclude_seen": run.cfg["exclude_seen"],
              "epochs": run.epochs, "stopped_by": run.stopped_by, "best_epoch": run.best_epoch,
              "train_seconds": run.train_seconds}
             for split, m in run.metrics.items()]
@@ -2261,8 +2538,7 @@ def append_csv_row(path, row):
     (another grid, say) rewrites the file in place with the union of the columns, old rows left blank there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", newline="") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with FileLock(f"{path}.lock"), open(path, "a+", newline="") as fh:
         fh.seek(0)
         reader = csv.DictReader(fh)
         old = list(reader)
@@ -2300,15 +2576,11 @@ def summarise(rows):
 
 @contextlib.contextmanager
 def folder_lock(folder):
-    """An exclusive lock on a folder (flock on its descriptor), so that processes sharing a results folder
-    take turns to read, merge and rewrite its files; released when the descriptor closes."""
+    """An exclusive lock on a folder (a lock file in it, through filelock, which works on every OS), so that
+    processes sharing a results folder take turns to read, merge and rewrite its files."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with FileLock(folder / ".lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def upsert_csv(path, rows, key):
@@ -2522,7 +2794,7 @@ def bundling_row(model, cfg, data, k, training):
     """Test accuracy, latency of ranking every user, tokens/s and peak memory of `model` reading the last
     compression_len items bundled by k."""
     device = model_device(model)
-    split = data.eval_split("test", cfg["compression_len"], cfg["exclude_seen"], device)
+    split = data.eval_split("test", cfg["compression_len"], excludes_seen(cfg, data), device)
 
     def rank_all():
         with model.bundling(k):
@@ -2593,7 +2865,7 @@ def time_to_quality(store, cfg, device):
     last = run.history[-1]
     reached = next((h for h in run.history if h["valid_ndcg@10"] >= threshold), None)
     model = store.model(run, device)
-    split = store.dataset(cfg).eval_split("valid", model.input_len, cfg["exclude_seen"], device)
+    split = store.dataset(cfg).eval_split("valid", model.input_len, excludes_seen(cfg, store.dataset(cfg)), device)
     summary = {"device": str(device), "scan_backend": run.scan_backend, "epochs": last["epoch"],
                "ml1m_epoch_seconds": last["train_seconds"] / last["epoch"],
                "ml1m_eval_all_users_seconds": timed(lambda: rank_targets(model, split, cfg), device),
@@ -2692,6 +2964,38 @@ def figures_stage(store, configs):
     return []
 
 
+def recommend_stage(store, configs):
+    """Top-k raw item ids with scores from --checkpoint: for --user (a known user, after their whole history),
+    for --history (a new user's items, oldest first), printed; or for every user of --users_file, written to
+    results_dir/recommendations.csv in batches. Seen items are left out as the model was trained
+    (--exclude_seen=true/false overrides)."""
+    cfg = store.cfg
+    if not cfg["checkpoint"]:
+        raise ConfigError("--stage=recommend needs --checkpoint=PATH (a .pt written by a run or by save())")
+    if not (cfg["user"] or cfg["history"] or cfg["users_file"]):
+        raise ConfigError("--stage=recommend needs --user=RAW_ID, --history=ITEM,ITEM,... or --users_file=FILE.csv")
+    model = load(cfg["checkpoint"], pick_device(cfg["device"]))
+    model.id_index()  # fail now on a checkpoint without raw ids
+    exclude = None if cfg["exclude_seen"] == "auto" else cfg["exclude_seen"] == "true"
+    if cfg["users_file"]:
+        with reading(cfg["users_file"]):
+            users = pd.read_csv(cfg["users_file"], dtype=str)
+        users = users["user"] if "user" in users else users.iloc[:, 0]
+        table = model.recommend_many(users.tolist(), cfg["k"], exclude, cfg["eval_batch_size"])
+        folder = store.results_dir if "results_dir" in store.given else Path(model.config["results_dir"])
+        path = folder / "recommendations.csv"  # beside the results of the run that made the checkpoint
+        write_csv(path, table.to_dict("records"))
+        print(f"{len(users)} users x top {cfg['k']} -> {path}")
+        return table.to_dict("records")
+    if cfg["user"]:
+        recs = model.recommend(user=cfg["user"], k=cfg["k"], exclude_seen=exclude)
+    else:
+        recs = model.recommend(history=as_list(cfg["history"]), k=cfg["k"], exclude_seen=exclude)
+    rows = [{"rank": rank + 1, "item": item, "score": round(score, 6)} for rank, (item, score) in enumerate(recs)]
+    print(pd.DataFrame(rows, columns=["rank", "item", "score"]).to_string(index=False))
+    return rows
+
+
 def stats_stage(store, configs):
     """Print each dataset after filtering as one JSON line."""
     rows = [store.dataset(cfg).stats() for cfg in configs]
@@ -2702,7 +3006,7 @@ def stats_stage(store, configs):
 
 STAGES = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
           "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
-          "stats": stats_stage, "figures": figures_stage}
+          "stats": stats_stage, "figures": figures_stage, "recommend": recommend_stage}
 assert tuple(STAGES) == STAGE_NAMES
 
 
@@ -2890,13 +3194,14 @@ def main(argv=None):
             stages = list(PAPER_SEQUENCE) + (["efficiency"] if base["preset"] == "quick" else [])
         device = pick_device(base["device"])
         if is_main_process():
-            print(f"HoloMambaRec {__version__} | stages: {', '.join(stages)} | preset: {base['preset']} | datasets: "
-                  f"{base['dataset']} | device: {device} | mamba-ssm kernel: "
-                  f"{device.type == 'cuda' and cuda_kernels()[0] is not None}", file=sys.stderr)
-        store = RunStore(base)
+            what = f"checkpoint: {base['checkpoint']}" if stages == ["recommend"] else \
+                f"preset: {base['preset']} | datasets: {base['dataset']}"
+            print(f"HoloMambaRec {__version__} | stages: {', '.join(stages)} | {what} | device: {device} | mamba-ssm "
+                  f"kernel: {device.type == 'cuda' and cuda_kernels()[0] is not None}", file=sys.stderr)
+        store = RunStore(base, given=overrides)
         for stage in stages:
             STAGES[stage](store, configs)
-        if is_main_process() and stages != ["stats"]:
+        if is_main_process() and not set(stages) <= {"stats", "recommend"}:
             for path in plot_figures(base):
                 print(f"figure: {path}", file=sys.stderr)
     except ArgumentParser.Exit as exc:

@@ -236,7 +236,7 @@ def error_cases():
         return "amazon-beauty"
 
     def missing_csv_column(tmp):
-        return f"csv:{write_csv_dataset(tmp / 'c', columns=('user', 'item', 'time'))}"
+        return f"csv:{write_csv_dataset(tmp / 'c', columns=('user', 'product', 'timestamp'))}"
 
     def missing_recbole_field(tmp):
         (tmp / "bad.inter").write_text("user_id:token\titem_id:token\nu\ti\n")
@@ -272,11 +272,11 @@ def error_cases():
         ("corrupt_zip", corrupt_zip, {}, "unreadable or corrupt"),
         ("zip_without_movies", zip_without_movies, {}, "unreadable or corrupt"),
         ("missing_review_column", missing_review_column, {}, "lacks the column(s) ['unixReviewTime']"),
-        ("missing_csv_column", missing_csv_column, {}, "lacks the column(s) ['timestamp']"),
+        ("missing_csv_column", missing_csv_column, {}, "no item column among ['user', 'product', 'timestamp']"),
         ("missing_recbole_field", missing_recbole_field, {}, "lacks the field(s) ['timestamp']"),
         ("missing_ml1m", missing_ml1m, {}, "ml-1m.zip not found"),
         ("missing_beauty_meta", missing_beauty, {}, "meta_Beauty.json.gz not found"),
-        ("missing_csv", missing_csv, {}, "not found: a csv dataset needs interactions.csv"),
+        ("missing_csv", missing_csv, {}, "not found: a csv dataset is a folder with interactions.csv"),
         ("csv_dir_without_interactions", csv_dir_without_interactions, {}, "interactions.csv not found"),
         ("missing_recbole", missing_recbole, {}, "nothing.inter not found"),
         ("empty_after_filtering", empty_after_filtering, {"min_user_count": 10}, "no user is left after"),
@@ -378,3 +378,51 @@ def test_ml1m_genres_are_one_field(tmp_path):
     data = H.load_dataset(cfg_for("ml-1m", tmp_path))
     real = data.item_attributes > 1  # item d has no movies.dat entry: '<none>'
     assert data.attribute_fields[real].unique().tolist() == [1] and data.stats()["attribute_fields"] == 1
+
+
+# ----------------------------------------------------------------------------------------- your own data
+def own_data(tmp_path, text, name="log.csv", **keys):
+    (tmp_path / name).write_text(text)
+    return H.load_dataset(f"csv:{tmp_path / name}", min_user_count=1, min_item_count=1, **keys)
+
+
+def test_column_mapping_tsv_and_date_strings(tmp_path):
+    text = "uid\tsku\twhen\n" + "".join(f"u{u}\ts{(u + t) % 4}\t2024-01-0{t + 1} 10:00\n" for u in range(3)
+                                         for t in (2, 0, 1))
+    data = own_data(tmp_path, text, "log.tsv", columns="uid,sku,when")
+    assert (data.n_users, data.n_items, data.n_interactions) == (3, 4, 9)
+    # sorted by the parsed dates (not the file order): u0 saw s0 (Jan 1), s1 (Jan 2), s2 (Jan 3)
+    assert [data.raw_items[i - 1] for i in data.sequences[0]] == ["s0", "s1", "s2"]
+    with pytest.raises(H.DataError, match="has no column 'user_id'"):
+        own_data(tmp_path, text, "log.tsv", columns="user_id,sku,when")
+
+
+def test_names_are_recognised_and_numbers_sort_as_numbers(tmp_path):
+    text = "user_id,item_id,ts\n" + "".join(f"a,i{t},{t}\n" for t in (10, 9, 2, 1))
+    data = own_data(tmp_path, text)
+    assert [data.raw_items[i - 1] for i in data.sequences[0]] == ["i1", "i2", "i9", "i10"]  # 1 < 2 < 9 < 10
+
+
+@pytest.mark.parametrize("bad,line", [("yesterday", 4), ("", 3)])
+def test_a_timestamp_that_is_neither_number_nor_date_names_file_and_line(tmp_path, bad, line):
+    rows = ["1", "2", "3", "4"]
+    rows[line - 2] = bad
+    text = "user,item,timestamp\n" + "".join(f"u,i{k},{t}\n" for k, t in enumerate(rows))
+    with pytest.raises(H.DataError, match=f"log.csv, line {line}: timestamp '{bad}' is neither a number nor a date"):
+        own_data(tmp_path, text)
+
+
+def test_no_timestamp_means_file_order_and_duplicates_are_dropped(tmp_path, capsys):
+    data = own_data(tmp_path, "user,item\nu,c\nu,a\nu,b\nu,a\n")
+    assert [data.raw_items[i - 1] for i in data.sequences[0]] == ["c", "a", "b", "a"]  # file order, repeats kept
+    assert data.has_repeats and "no timestamp column, so each user's events are taken in file order" in capsys.readouterr().err
+    data = own_data(tmp_path, "user,item,timestamp\nu,a,1\nu,b,2\nu,b,2\nu,c,3\n", "dup.csv")
+    assert data.n_interactions == 3 and not data.has_repeats
+    assert "dropped 1 duplicate row(s)" in capsys.readouterr().err
+
+
+def test_recbole_timestamp_that_is_not_a_number_is_an_error(tmp_path):
+    lines = ["user_id:token\titem_id:token\ttimestamp:float", "u\ta\t1", "u\tb\tsoon", "u\tc\t3"]
+    (tmp_path / "t.inter").write_text("\n".join(lines) + "\n")
+    with pytest.raises(H.DataError, match="t.inter, line 3: timestamp 'soon'"):
+        H.load_dataset(f"recbole:{tmp_path / 't'}", min_user_count=1, min_item_count=1)

@@ -79,7 +79,7 @@ def test_notebook_finds_the_repository_root_from_a_subfolder(where):
 
 
 def test_accuracy_table_holds_every_dataset_model_config_with_three_seeds(ns):
-    rows = [r for r in read_rows(ROOT / "results" / "accuracy.csv") if r["split"] == "test"]
+    rows = [r for r in read_rows(ROOT / "results" / "paper" / "accuracy.csv") if r["split"] == "test"]
     runs = defaultdict(dict)
     for r in rows:
         runs[(r["dataset"], r["model"], r["config"])][r["seed"]] = r
@@ -99,8 +99,8 @@ def test_accuracy_table_holds_every_dataset_model_config_with_three_seeds(ns):
 
 
 def test_accuracy_table_agrees_with_benchmark_best_md(ns):
-    """results/benchmark_best.md (written by the script) and the notebook's table agree on every test cell."""
-    lines = (ROOT / "results" / "benchmark_best.md").read_text(encoding="utf-8").splitlines()
+    """results/paper/benchmark_best.md (written by the script) and the notebook's table agree on every test cell."""
+    lines = (ROOT / "results" / "paper" / "benchmark_best.md").read_text(encoding="utf-8").splitlines()
     header = next(line for line in lines if line.startswith("| dataset"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     found = 0
@@ -131,8 +131,8 @@ def test_best_grid_trial_per_dataset_maximises_validation_ndcg(ns):
 
 
 def test_compression_and_memory_tables_are_the_files(ns):
-    compression = read_rows(ROOT / "results" / "compression.csv")
-    memory = read_rows(ROOT / "results" / "memory.csv")
+    compression = read_rows(ROOT / "results" / "paper" / "compression.csv")
+    memory = read_rows(ROOT / "results" / "paper" / "memory.csv")
     assert len(ns["compression"]) == len(compression) and len(ns["memory"]) == len(memory)
     kept = ns["compression_view"].set_index(["k", "bundling"])["ndcg@10_kept"]
     full = next(float(r["ndcg@10"]) for r in compression if r["k"] == "1")
@@ -143,7 +143,7 @@ def test_compression_and_memory_tables_are_the_files(ns):
 
 def test_learning_curves_plot_every_best_run(ns):
     runs = defaultdict(set)
-    for r in read_rows(ROOT / "results" / "history.csv"):
+    for r in read_rows(ROOT / "results" / "paper" / "history.csv"):
         if r["preset"] == "best":
             runs[r["dataset"]].add((r["model"], r["config"], r["seed"]))
     assert set(ns["history_best"]["preset"]) == {"best"}
@@ -159,7 +159,7 @@ def test_readme_accuracy_table_is_the_result_files():
     name a config hash are that config; the others are the only config of their model in the preset)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("### Accuracy (preset `best`, 3 seeds, test split, mean ± std)", 1)[1].split("\n\n", 2)[1]
-    rows = [r for r in read_rows(ROOT / "results" / "accuracy.csv") if r["split"] == "test"]
+    rows = [r for r in read_rows(ROOT / "results" / "paper" / "accuracy.csv") if r["split"] == "test"]
     checked = 0
     for line in section.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]

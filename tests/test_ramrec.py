@@ -209,5 +209,5 @@ def test_ramrec_run_end_to_end(tiny):
     # no entry was written at or past the end of the training inputs (the last training target's position)
     assert (model.tags < data.train_lengths()[:, None] - 1).all()
     # the checkpoint holds the bank: the model loaded from it ranks the test split as the run did
-    split = data.eval_split("test", cfg["max_len"], cfg["exclude_seen"])
+    split = data.eval_split("test", cfg["max_len"], H.excludes_seen(cfg, data))
     assert torch.equal(H.rank_targets(model, split, cfg), run.ranks["test"])
