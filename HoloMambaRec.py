@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -96,7 +97,20 @@ class ConfigError(ValueError):
 
 
 class DataError(RuntimeError):
-    """A dataset that is missing, corrupt, or empty after filtering."""
+    """A dataset, checkpoint or result file that is missing, corrupt, or empty after filtering."""
+
+
+class TrainingError(RuntimeError):
+    """Training or evaluation produced a non-finite loss or non-finite scores: the weights diverged or are corrupt."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during fit(): carries the training state (weights, best weights, optimizer, history) so that the
+    run can be saved and continued with --resume."""
+
+    def __init__(self, state):
+        super().__init__("interrupted")
+        self.state = state
 
 
 class Key(NamedTuple):
@@ -537,18 +551,21 @@ DOWNLOADS = {
                "c4d9eecfca2ab87c1945afe126590906")],
     "amazon-beauty": [
         ("reviews_Beauty_5.json.gz",
-         "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Beauty_5.json.gz", None),
+         "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Beauty_5.json.gz", None),
         ("meta_Beauty.json.gz",
-         "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz", None),
+         "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_Beauty.json.gz", None),
     ],
 }
 SYNTHETIC = {"n_users": 600, "n_items": 300, "n_attributes": 15, "min_len": 12, "max_len": 40, "seed": 0}
 
 
 def download_file(url, dest, md5=None):
-    """Stream `url` to a temporary file beside `dest`, check its MD5, then rename it into place."""
+    """Stream `url` to a temporary file beside `dest`, check its MD5 (where known) and that it is the archive its
+    name says (a server error page saved as .gz is refused), then rename it into place. On any failure the
+    temporary file, and the folders this call created, are removed."""
     import requests
 
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     digest = hashlib.md5()
@@ -563,10 +580,22 @@ def download_file(url, dest, md5=None):
                     bar.update(len(chunk))
         if md5 and digest.hexdigest() != md5:
             raise DataError(f"{url}: checksum {digest.hexdigest()} != expected {md5}; try again later")
+        check_archive(Path(tmp), dest.name, url)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+
+
+def check_archive(path, name, url):
+    """A downloaded .gz must be gzip and a .zip a zip archive: servers answer errors with HTML pages."""
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    if (name.endswith(".gz") and head[:2] != b"\x1f\x8b") or (name.endswith(".zip") and head[:2] != b"PK"):
+        raise DataError(f"{url} did not send a {name.rsplit('.', 1)[-1]} archive (it starts with {head!r}, e.g. an "
+                        "error page); try again later, or fetch the file by hand into --data_dir")
 
 
 def find_dataset_files(name, cfg):
@@ -634,23 +663,25 @@ def dataset_files(cfg):
 
 
 @contextlib.contextmanager
-def reading(path):
-    """Turn low-level decoding errors of a file into one DataError that names the file."""
+def reading(path, official=False):
+    """Turn low-level decoding errors of a file into one DataError that names the file and what to do: an
+    official download can be fetched again, a user's own file must be fixed."""
     try:
         yield
     except DataError:
         raise
-    except (EOFError, OSError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, SyntaxError) as exc:
-        raise DataError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
-                        "delete it and download it again") from None
+    except (EOFError, OSError, zlib.error, zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, SyntaxError,
+            pd.errors.ParserError) as exc:
+        fix = "delete it and download it again" if official else "fix the file (or point the dataset at another)"
+        raise DataError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 def load_ml1m(path):
     """MovieLens-1M from GroupLens ml-1m.zip: ratings.dat and movies.dat (latin-1, genres 'A|B|C')."""
-    with reading(path), zipfile.ZipFile(path) as zf:
+    with reading(path, official=True), zipfile.ZipFile(path) as zf:
         ratings = zf.read("ml-1m/ratings.dat").decode("latin-1")
         movies = zf.read("ml-1m/movies.dat").decode("latin-1")
-    with reading(path):
+    with reading(path, official=True):
         df = pd.read_csv(io.StringIO(ratings.replace("::", "\t")), sep="\t", header=None,
                          names=["user", "item", "rating", "time"], dtype=np.int64)
         genres = pd.read_csv(io.StringIO(movies.replace("::", "\t")), sep="\t", header=None,
@@ -665,7 +696,7 @@ _ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 
 def load_amazon_beauty(reviews_path, meta_path):
     """Amazon 2014 Beauty 5-core reviews + metadata categories (meta lines are Python dict literals)."""
-    with reading(reviews_path), gzip.open(reviews_path, "rt", encoding="utf-8") as fh:
+    with reading(reviews_path, official=True), gzip.open(reviews_path, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     df = pd.DataFrame(rows)
     missing = {"reviewerID", "asin", "unixReviewTime"} - set(df.columns)
@@ -674,16 +705,22 @@ def load_amazon_beauty(reviews_path, meta_path):
     df = df.rename(columns={"reviewerID": "user", "asin": "item", "unixReviewTime": "time"})[["user", "item", "time"]]
     wanted = set(df["item"])
     attributes = {}
-    with reading(meta_path), gzip.open(meta_path, "rt", encoding="utf-8") as fh:
-        for line in fh:
+    with reading(meta_path, official=True), gzip.open(meta_path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
             m = _ASIN.search(line)
             if not m or m.group(1) not in wanted:
                 continue  # parse only the items that were reviewed: the full meta file is large
             meta = ast.literal_eval(line)
-            tokens = [t for path in meta.get("categories", []) for t in path]
+            if not isinstance(meta, dict) or not isinstance(meta.get("categories", []), list):
+                raise DataError(f"{meta_path}, line {number}: not an item's metadata (a dict with 'asin' and "
+                                "'categories'); is it the Amazon 2014 metadata file?")
+            tokens = [str(t) for path in meta.get("categories", []) for t in (path if isinstance(path, list) else [path])]
             if meta.get("brand"):
                 tokens.append("brand:" + str(meta["brand"]))
             attributes[meta["asin"]] = list(dict.fromkeys(tokens))
+    if not attributes:
+        raise DataError(f"{meta_path} holds no metadata for any reviewed item (0 of {len(wanted)} asins): is it the "
+                        "metadata of the same category? HoloMamba would otherwise train without attributes")
     return df, attributes
 
 
@@ -759,6 +796,8 @@ def load_csv_dataset(path, attr_path=None, columns=""):
         if item_column is None or "attributes" not in meta.columns:
             raise DataError(f"{attr_path} needs the columns item,attributes ('|'-separated attributes)")
         attributes = {i: [a for a in s.split("|") if a] for i, s in zip(meta[item_column], meta["attributes"])}
+        if len(df) and not set(attributes) & set(df["item"]):
+            raise DataError(f"{attr_path} names none of the items of {path}: check its item column")
     return df, attributes
 
 
@@ -781,10 +820,11 @@ def load_recbole_dataset(inter, item_file=None):
     attributes = {}
     if item_file is not None:
         meta = read_atomic(item_file).fillna("")
+        if "item_id" not in meta.columns:
+            raise DataError(f"{item_file} lacks the field item_id (its fields: {list(meta.columns)})")
         fields = [c for c in meta.columns if c != "item_id"]
-        for row in meta.itertuples(index=False):
-            row = row._asdict()
-            attributes[row["item_id"]] = [f"{f}:{t}" for f in fields for t in str(row[f]).split() if t]
+        for item, *values in zip(meta["item_id"], *(meta[f] for f in fields)):
+            attributes[item] = [f"{f}:{t}" for f, v in zip(fields, values) for t in str(v).split() if t]
     return df, attributes
 
 
@@ -1028,8 +1068,10 @@ def prepare_dataset(name, df, raw_attributes, cfg):
     df = k_core_filter(df, cfg["min_user_count"], max(cfg["min_item_count"], 1))
     df = df[df.groupby("user")["item"].transform("size") >= 3]  # leave-one-out needs train, valid and test
     if df.empty:
+        lower = [f"--{k}" for k in ("min_user_count", "min_item_count") if cfg[k] > 3 - (k == "min_item_count") * 2]
+        advice = f"lower {' / '.join(lower)}" if lower else "leave-one-out needs at least 3 interactions per user"
         raise DataError(f"{name}: no user is left after {cfg['min_user_count']}-core / {cfg['min_item_count']}-core "
-                        "filtering; lower --min_user_count / --min_item_count")
+                        f"filtering with 3 interactions per user at least; {advice}")
     items = np.sort(df["item"].unique())
     item_index = {raw: i + 1 for i, raw in enumerate(items)}
     df = df.assign(item=df["item"].map(item_index)).sort_values(["user", "time", "order"])
@@ -1081,6 +1123,18 @@ def excludes_seen(cfg, data):
     """cfg['exclude_seen'] resolved for data: auto excludes a user's earlier items from the ranking unless some
     user repeats an item (then a repeated target would be an automatic miss, and a repeat never recommended)."""
     return {"true": True, "false": False}.get(cfg["exclude_seen"], not data.has_repeats)
+
+
+def fitted_config(cfg, data):
+    """cfg for data: exclude_seen 'auto' resolved, and max_len cut to the longest input a user has (a longer
+    window is padding only, and an absurd one would exhaust memory)."""
+    cfg = Config(cfg).replace(exclude_seen=str(excludes_seen(cfg, data)).lower())
+    longest = max(len(s) for s in data.sequences) - 1  # the test input: everything but the last item
+    if cfg["max_len"] > max(longest, 2):
+        print(f"[{cfg['dataset']}] max_len={cfg['max_len']} is longer than the longest history ({longest} items): "
+              f"using {max(longest, 2)}", file=sys.stderr)
+        cfg = cfg.replace(max_len=max(longest, 2))
+    return cfg
 
 
 def data_key(cfg, files):
@@ -2200,12 +2254,13 @@ class FitResult:
         return self.history[-1]["stopped_by"]
 
 
-def fit(model, data, cfg=None, *, distributed=False, desc="train", **overrides):
+def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, **overrides):
     """Train `model` on data's training windows with AdamW and early stopping on validation NDCG@10; returns a
     FitResult (the model keeps its last weights: load result.best_state for the best). cfg defaults to the
     config the model was built with; keyword overrides change training keys (fit(model, data, epochs=5)).
     With distributed=True under torchrun the model is wrapped in DistributedDataParallel and each rank trains
-    on its share of every epoch's users."""
+    on its share of every epoch's users. Ctrl-C raises Interrupted with the training state, which `resume`
+    takes back to continue after the last finished epoch."""
     cfg = Config(cfg if cfg is not None else model.config).replace(**overrides)
     device = model_device(model)
     windows = TrainingWindows(data, model.input_len, device)
@@ -2221,43 +2276,56 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", **overrides):
     step = make_train_step(model, runner, cfg, popularity_log_q(data.item_counts, device),
                            math.ceil(data.n_users / world / cfg["batch_size"]))
     generator = torch.Generator().manual_seed(torch.initial_seed())
-    history, best, best_state, stale = [], -1.0, None, 0
-    train_seconds, start = 0.0, time.perf_counter()
-    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process())
-    for epoch in bar:
-        model.train()
-        epoch_start = time.perf_counter()
-        ends = windows.window_ends(cfg["train_window"], generator)
-        train_x, train_y = windows.cut(ends)
-        order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
-        total = torch.zeros((), device=device)
-        for i in range(0, len(order), cfg["batch_size"]):
-            idx = order[i:i + cfg["batch_size"]]
-            users = (idx, ends[idx] - 1) if model.reads_users else ()  # inputs end one before the window
-            total += step(Batch(train_x[idx], train_y[idx], *users))
-        synchronize(device)
-        train_seconds += time.perf_counter() - epoch_start
-        if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
-            continue
-        metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
-        history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
-                        "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
-                        "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
-        if not math.isfinite(history[-1]["loss"]):
-            raise RuntimeError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
-                               "lower --lr or raise --grad_clip")
-        if metrics["ndcg@10"] > best:
-            best, stale = metrics["ndcg@10"], 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        reason = ("patience" if stale >= cfg["patience"] else
-                  "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
-                  "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
-        history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
-        if reason:
-            break
+    history, best, best_state, stale, first, train_seconds, earlier = [], -1.0, None, 0, 0, 0.0, 0.0
+    if resume is not None:  # continue an interrupted run after its last finished epoch
+        model.load_state_dict(resume["model"])
+        step.optimizer.load_state_dict(resume["optimizer"])
+        history, best, best_state, stale = resume["history"], resume["best"], resume["best_state"], resume["stale"]
+        first, train_seconds, earlier = resume["epoch"], resume["train_seconds"], resume["seconds"]
+        generator.manual_seed(torch.initial_seed() + first)
+    start = time.perf_counter() - earlier
+    bar = tqdm(range(first, cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process(),
+               initial=first, total=cfg["epochs"])
+    try:
+        for epoch in bar:
+            model.train()
+            epoch_start = time.perf_counter()
+            ends = windows.window_ends(cfg["train_window"], generator)
+            train_x, train_y = windows.cut(ends)
+            order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
+            total = torch.zeros((), device=device)
+            for i in range(0, len(order), cfg["batch_size"]):
+                idx = order[i:i + cfg["batch_size"]]
+                users = (idx, ends[idx] - 1) if model.reads_users else ()  # inputs end one before the window
+                total += step(Batch(train_x[idx], train_y[idx], *users))
+            synchronize(device)
+            train_seconds += time.perf_counter() - epoch_start
+            if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
+                continue
+            metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
+            history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
+                            "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
+                            "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}")
+            if not math.isfinite(history[-1]["loss"]):
+                raise TrainingError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
+                                    "lower --lr or raise --grad_clip")
+            if metrics["ndcg@10"] > best:
+                best, stale = metrics["ndcg@10"], 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            reason = ("patience" if stale >= cfg["patience"] else
+                      "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
+                      "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
+            history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
+            if reason:
+                break
+    except KeyboardInterrupt:  # keep what was learnt: the weights at the interruption, the best ones, the optimizer
+        raise Interrupted({"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                           "optimizer": step.optimizer.state_dict(), "best_state": best_state, "history": history,
+                           "best": best, "stale": stale, "epoch": history[-1]["epoch"] if history else first,
+                           "train_seconds": train_seconds, "seconds": time.perf_counter() - start}) from None
     return FitResult(best_state, history, train_seconds)
 
 
@@ -2303,15 +2371,20 @@ def rank_targets(model, split, cfg=None):
     cfg = Config(cfg if cfg is not None else model.config)
     model.eval()
     ranks, batch = [], cfg["eval_batch_size"]
+    finite = torch.ones((), dtype=torch.bool, device=model_device(model))
     with autocast(cfg, model_device(model)):
         table = model.output_table()[1:]
         for i in range(0, len(split.inputs), batch):
             rows = slice(i, i + batch)
             out = model(Batch(split.inputs[rows], users=split.users[rows], ends=split.ends[rows]))
             scores = exact_scores(out.hidden[:, -1], table)
+            finite &= torch.isfinite(scores).all()  # NaN compares false with everything: it would rank first
             if split.seen is not None:
                 mask_seen(scores, split.seen, i)
             ranks.append(ranks_of_targets(scores, split.targets[rows]))
+    if not finite.item():  # one host sync per evaluation
+        raise TrainingError(f"{model.name}'s scores are not finite (NaN or inf): its weights diverged or are corrupt; "
+                            "retrain it (lower --lr), or delete the checkpoint it was loaded from")
     return torch.cat(ranks)
 
 
@@ -2365,6 +2438,17 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, default=float))
 
 
+def update_json(path, entries):
+    """Merge entries into a JSON object file under its folder's lock (other datasets' entries are kept)."""
+    path = Path(path)
+    with folder_lock(path.parent):
+        try:
+            old = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
+        except ValueError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); move it away and rerun") from None
+        write_json(path, {**old, **entries})
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -2387,6 +2471,16 @@ def save(model, path, **info):
     return Path(path)
 
 
+def load_weights(model, state_dict, source):
+    """load_state_dict with one clear error when the weights do not fit the model."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DataError(f"{source} does not fit this {model.name} ({first}): it was saved with another config; delete "
+                        "it, or run without --resume") from None
+
+
 def read_checkpoint(path):
     """A checkpoint's payload, read with weights_only=True (a pickle that runs code is refused)."""
     try:
@@ -2394,7 +2488,9 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint") from None
     except Exception as exc:
-        raise DataError(f"{path} is not a readable HoloMambaRec checkpoint ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a readable HoloMambaRec checkpoint ({type(exc).__name__}: {first}); delete it, "
+                        "or run without --resume") from None
     missing = CHECKPOINT_KEYS - set(payload) if isinstance(payload, dict) else CHECKPOINT_KEYS
     if missing:
         raise DataError(f"{path} is an old-format or foreign checkpoint: it lacks {sorted(missing)}; "
@@ -2412,7 +2508,7 @@ def load(path, device=None):
         cfg["scan_backend"] = "auto"  # trained with the CUDA kernel; the parallel scan computes the same here
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG alone
         model = build_model(payload["model"], Catalog(**payload["catalog"]), cfg, device)
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], path)
     model.index = IdIndex.from_payload(payload["index"]) if payload.get("index") else None
     return model.eval()
 
@@ -2473,31 +2569,40 @@ class RunStore:
 
     def run(self, cfg, model_name, seed, distributed=True):
         """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
-        rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record."""
+        rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record. With
+        resume, a finished run on the same data is reloaded, and a run cut short by Ctrl-C continues from its
+        <name>.partial.pt."""
         data = self.dataset(cfg)
-        cfg = Config(cfg).replace(exclude_seen=str(excludes_seen(cfg, data)).lower())  # 'auto' resolved for the data
+        cfg = fitted_config(cfg, data)
         key = (cfg["dataset"], model_name, seed, run_hash(cfg))
         if key in self.runs:
             return self.runs[key]
-        device = pick_device(cfg["device"])
+        device, tag = pick_device(cfg["device"]), f"[{cfg['dataset']} | {model_name} | seed {seed}]"
         checkpoint = self.checkpoint_dir / f"{run_name(*key)}.pt"
+        partial = checkpoint.with_suffix(".partial.pt")
         record_path = self.results_dir / "runs" / f"{run_name(*key)}.json"
         set_seed(seed)
         model = build_model(model_name, data, cfg, device)
-        resumed = self.resume and checkpoint.is_file() and record_path.is_file()
-        if resumed and json.loads(record_path.read_text()).get("data_fingerprint") != data.index.fingerprint:
-            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] not resumed: {checkpoint} was trained on "
-                       "other data (its fingerprint differs); training again", file=sys.stderr)
-            resumed = False
-        if resumed:
-            model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
-            stored = json.loads(record_path.read_text())
+        stored = self.finished(record_path, checkpoint, data, tag) if self.resume else None
+        shared = distributed and torch.distributed.is_initialized()  # DDP: every rank holds the same weights
+        if stored:
+            load_weights(model, read_checkpoint(checkpoint)["state_dict"], checkpoint)
             info = {k: stored[k] for k in ("epochs", "stopped_by", "best_epoch", "train_seconds", "history")}
-            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] resumed from {checkpoint}", file=sys.stderr)
+            tqdm.write(f"{tag} resumed from {checkpoint}", file=sys.stderr)
         else:
-            start = time.perf_counter()
-            result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}")
-            model.load_state_dict(result.best_state)
+            state = self.interrupted(partial, key, data, tag) if self.resume else None
+            start = time.perf_counter() - (state["seconds"] if state else 0.0)
+            try:
+                result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}",
+                             resume=state)
+            except Interrupted as stop:
+                if stop.state["best_state"] is not None and (is_main_process() or not shared):
+                    with atomic_path(partial) as tmp:
+                        torch.save({**stop.state, "run": key[-1], "data_fingerprint": data.index.fingerprint}, tmp)
+                    tqdm.write(f"{tag} interrupted after epoch {stop.state['epoch']}: its state is in {partial}; "
+                               "the same command with --resume continues it", file=sys.stderr)
+                raise
+            load_weights(model, result.best_state, checkpoint)
             info = {"epochs": result.epochs, "stopped_by": result.stopped_by, "best_epoch": result.best_epoch,
                     "train_seconds": round(time.perf_counter() - start, 2), "history": result.history}
         ranks = {split: rank_targets(model, data.eval_split(split, model.input_len, excludes_seen(cfg, data), device), cfg).cpu()
@@ -2505,18 +2610,49 @@ class RunStore:
         run = Run(cfg["dataset"], model_name, seed, key[-1], scan_backend=model.scan_backend,
                   metrics={s: full_ranking_metrics(r) for s, r in ranks.items()}, checkpoint=str(checkpoint),
                   cfg=dict(cfg), data_fingerprint=data.index.fingerprint, ranks=ranks, **info)
-        shared = distributed and torch.distributed.is_initialized()  # DDP: every rank holds the same weights
-        if not resumed and (is_main_process() or not shared):
+        if not stored and (is_main_process() or not shared):
             save(model, checkpoint, metrics=run.metrics, epoch=run.best_epoch)
             write_json(record_path, run.record())
-            tqdm.write(f"[{cfg['dataset']} | {model_name} | seed {seed}] "
-                       + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}" for s, m in run.metrics.items())
+            partial.unlink(missing_ok=True)
+            tqdm.write(f"{tag} " + " ".join(f"{s} HR@10={m['hr@10']:.4f} NDCG@10={m['ndcg@10']:.4f}"
+                                            for s, m in run.metrics.items())
                        + f" ({run.train_seconds:.1f}s, best epoch {run.best_epoch}, stopped by {run.stopped_by})",
                        file=sys.stderr)
         if shared:
             torch.distributed.barrier()  # the checkpoint exists before any rank loads it
         self.runs[key] = run
         return run
+
+    @staticmethod
+    def finished(record_path, checkpoint, data, tag):
+        """The stored record of a finished run on the same data, or None (then it is trained)."""
+        if not (record_path.is_file() and checkpoint.is_file()):
+            return None
+        try:
+            stored = json.loads(record_path.read_text())
+        except ValueError as exc:
+            raise DataError(f"{record_path} is not a readable run record ({exc}); delete it (and {checkpoint.name}) "
+                            "to train the run again, or run without --resume") from None
+        if stored.get("data_fingerprint") != data.index.fingerprint:
+            tqdm.write(f"{tag} not resumed: {checkpoint} was trained on other data (its fingerprint differs); "
+                       "training again", file=sys.stderr)
+            return None
+        return stored
+
+    @staticmethod
+    def interrupted(partial, key, data, tag):
+        """The training state a Ctrl-C left in <name>.partial.pt for this run and data, or None."""
+        if not partial.is_file():
+            return None
+        try:
+            state = torch.load(partial, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"{partial} is not a readable training state ({type(exc).__name__}); delete it to "
+                            "train the run from the start") from None
+        if state.get("run") != key[-1] or state.get("data_fingerprint") != data.index.fingerprint:
+            return None
+        tqdm.write(f"{tag} continuing from {partial} after epoch {state['epoch']}", file=sys.stderr)
+        return state
 
     def model(self, run, device=None):
         """The best weights of a finished run, loaded from its checkpoint (kept only while the caller holds it)."""
@@ -2534,25 +2670,73 @@ def metric_rows(run, **extra):
 
 
 def append_csv_row(path, row):
-    """Append one row under an exclusive lock, flushed before returning. A row with columns the file lacks
-    (another grid, say) rewrites the file in place with the union of the columns, old rows left blank there."""
+    """Append one row to a CSV log under its lock. A plain append writes one whole line and syncs it; a row with
+    columns the file lacks (another grid), or a torn last line left by a crash mid-append, makes the file be
+    rewritten atomically (temporary file, rename) with the union of the columns, older rows blank there. So the
+    log is only ever appended to or atomically replaced, and a crash loses at most the row being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"), open(path, "a+", newline="") as fh:
-        fh.seek(0)
-        reader = csv.DictReader(fh)
-        old = list(reader)
-        header = list(reader.fieldnames or [])
+    with FileLock(f"{path}.lock"):
+        text = path.read_text() if path.is_file() else ""
+        torn = bool(text) and not text.endswith("\n")
+        if torn:
+            text = text[:text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text))
+        old, header = list(reader), list(reader.fieldnames or [])
         columns = header + [c for c in row if c not in header]
-        if columns != header:
-            fh.seek(0)
-            fh.truncate()
-            old_writer = csv.DictWriter(fh, fieldnames=columns)
-            old_writer.writeheader()
-            old_writer.writerows(old)
-        csv.DictWriter(fh, fieldnames=columns).writerow(row)
-        fh.flush()
-        os.fsync(fh.fileno())
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns)
+        if columns != header or torn:
+            writer.writeheader()
+            writer.writerows(old)
+            writer.writerow(row)
+            with atomic_path(path) as tmp:
+                tmp.write_text(out.getvalue())
+        else:
+            writer.writerow(row)
+            with open(path, "a", newline="") as fh:
+                fh.write(out.getvalue())
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+def read_log(path):
+    """The rows of an append-only CSV log (empty when it is missing); a torn last line is left out."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    text = text if text.endswith("\n") or not text else text[:text.rfind("\n") + 1]
+    if not text.strip():
+        return pd.DataFrame(columns=["trial", "dataset"])
+    try:
+        return pd.read_csv(io.StringIO(text), dtype={"trial": str})
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable CSV ({exc}); move it away (its trials would be trained again)") from None
+
+
+def claim_trial(log_path, trial):
+    """Claim a grid trial before training it, so that processes sharing one grid log never train a trial twice:
+    True when this process may train it (nobody claimed it, or its claimant was a process of this machine that
+    is gone, e.g. a killed rank). Claims live beside the log in <log>.claims."""
+    claims, me = Path(f"{log_path}.claims"), (socket.gethostname(), os.getpid())
+    with FileLock(f"{claims}.lock"):
+        lines = claims.read_text().splitlines() if claims.is_file() else []
+        for line in lines:
+            key, host, pid = line.rsplit(",", 2)
+            if key == trial and (host, int(pid)) != me and (host != me[0] or process_alive(int(pid))):
+                return False
+        with open(claims, "a") as fh:
+            fh.write(f"{trial},{me[0]},{me[1]}\n")
+    return True
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def markdown_table(df, columns):
@@ -2583,14 +2767,25 @@ def folder_lock(folder):
         yield
 
 
+def read_results(path):
+    """A results CSV (empty when missing or zero bytes); an unreadable one is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path, dtype={"config": str})
+    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc}); move it away and rerun") from None
+
+
 def upsert_csv(path, rows, key):
     """Merge rows into a CSV, replacing earlier rows with the same key columns; written atomically, under
     the folder's lock, so concurrent runs writing to one results folder lose no rows."""
     path = Path(path)
     new = pd.DataFrame(rows)
     with folder_lock(path.parent):
-        if path.is_file():
-            old = pd.read_csv(path, dtype={"config": str})
+        old = read_results(path)
+        if len(old):
             keys = set(map(tuple, new[key].astype(str).to_numpy()))
             old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
             new = pd.concat([old, new], ignore_index=True)
@@ -2629,12 +2824,13 @@ def benchmark_stage(store, configs):
     if not is_main_process():  # under DDP every rank holds the same runs; one writes them
         return [r for run in runs for r in metric_rows(run)]
     preset = store.cfg["preset"]
-    table = record_runs(store, runs, "benchmark", preset)
+    record_runs(store, runs, "benchmark", preset)
     slices = [dict(row, seed=run.seed, preset=preset, config=run.config) for cfg in configs
               for run in runs if run.dataset == cfg["dataset"]
               for row in cold_start_rows(cfg, store.dataset(cfg), [run])]
     upsert_csv(store.results_dir / "slices.csv", slices, ["dataset", "model", "seed", "preset", "config", "slice"])
-    print(write_summaries(store.results_dir, table, preset))
+    with folder_lock(store.results_dir):  # the summaries of every process's rows, not of this process's view
+        print(write_summaries(store.results_dir, read_results(store.results_dir / "benchmark.csv"), preset))
     return [r for run in runs for r in metric_rows(run)]
 
 
@@ -2697,13 +2893,18 @@ def grid_stage(store, configs):
     best, path = {}, store.grid_csv
     for cfg in configs:
         dataset = cfg["dataset"]
-        done = set(pd.read_csv(path)["trial"].astype(str)) if path.is_file() else set()
+        done = set(read_log(path)["trial"].astype(str))
         for i, trial in enumerate(tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process())):
             trial_cfg = cfg.replace(**trial)
-            trial_key = f"{dataset}|{run_hash(trial_cfg)}"
-            if i % world != rank or trial_key in done:
+            trial_key = f"{dataset}|{run_hash(trial_cfg.replace(exclude_seen=str(excludes_seen(cfg, store.dataset(cfg))).lower()))}"
+            if i % world != rank or trial_key in done or not claim_trial(path, trial_key):
                 continue
-            run = store.run(trial_cfg, "HoloMamba", seeds(cfg)[0], distributed=False)
+            try:
+                run = store.run(trial_cfg, "HoloMamba", seeds(cfg)[0], distributed=False)
+            except TrainingError as exc:  # recorded, so that a rerun skips it instead of dying at it again
+                append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial, "error": str(exc)})
+                tqdm.write(f"grid trial {trial} failed: {exc}", file=sys.stderr)
+                continue
             append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial,
                                   **{f"valid_{c}": round(run.metrics["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
                                   **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
@@ -2711,13 +2912,13 @@ def grid_stage(store, configs):
                                   "train_seconds": run.train_seconds})
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        table = pd.read_csv(path)
-        table = table[table["dataset"] == dataset]
+        table = read_log(path)
+        table = table[(table["dataset"] == dataset) & table.get("valid_ndcg@10", pd.Series(dtype=float)).notna()]
         if len(table):
             top = table.loc[table["valid_ndcg@10"].idxmax()]
-            best[dataset] = {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()}
+            best[dataset] = {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items() if pd.notna(v)}
     if is_main_process():
-        write_json(store.results_dir / "grid_best.json", best)
+        update_json(store.results_dir / "grid_best.json", best)
         for dataset, row in best.items():
             print(f"grid best on {dataset} (by validation NDCG@10): "
                   + ", ".join(f"{k}={row[k]}" for k in parse_grid(store.cfg["grid"]) if k in row)
@@ -2783,8 +2984,8 @@ def compression_stage(store, configs):
                 trained = store.model(store.run(cfg.replace(bundle_k=k), "HoloMamba", seed))
                 rows.append(bundling_row(trained, cfg, data, k, "trained"))
         cold += cold_start_rows(cfg, data, [store.run(cfg, m, seed) for m in as_list(cfg["models"])])
-    write_csv(store.results_dir / "compression.csv", rows)
-    write_csv(store.results_dir / "cold_start.csv", cold)
+    upsert_csv(store.results_dir / "compression.csv", rows, ["dataset", "model", "k", "bundling", "history_len"])
+    upsert_csv(store.results_dir / "cold_start.csv", cold, ["dataset", "model", "slice"])
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame(cold).to_string(index=False))
     return rows + cold
@@ -2844,10 +3045,11 @@ def efficiency_stage(store, configs):
     for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
         for name in ("HoloMamba", "SASRec", "GRU4Rec"):
             rows.append(measure_model(name, cfg.replace(max_len=length), device))
-    write_csv(store.results_dir / "efficiency.csv", rows)
+    upsert_csv(store.results_dir / "efficiency.csv", rows, ["model", "max_len", "batch", "device"])
     catalog = [measure_catalog(cfg.replace(max_len=50, num_negatives=negatives), n, device)
                for n in as_list(cfg["efficiency_catalogs"], int) for negatives in (0, cfg["efficiency_negatives"])]
-    write_csv(store.results_dir / "efficiency_catalog.csv", [r for r in catalog if r])
+    if any(catalog):
+        upsert_csv(store.results_dir / "efficiency_catalog.csv", [r for r in catalog if r], ["n_items", "softmax", "device"])
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame([r for r in catalog if r]).to_string(index=False))
     for dataset_cfg in configs:
@@ -2954,7 +3156,7 @@ def memory_stage(store, configs):
             rows += [dict(row, variant=name, encoder_window=variant["max_len"], items_read=model.input_len,
                           recurrent_state_bytes=state_bytes, train_seconds=run.train_seconds)
                      for row in slice_metrics(run, cfg["dataset"], {f"> {cfg['long_history']} items": long})]
-    write_csv(store.results_dir / "memory.csv", rows)
+    upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "variant", "slice"])
     print(pd.DataFrame(rows).to_string(index=False))
     return rows
 
@@ -3177,6 +3379,32 @@ def setup_distributed(overrides):
     return dict(overrides, device="cpu")
 
 
+OUTPUT_STAGES = {"benchmark", "ablation", "grid", "compression", "efficiency", "memory", "figures", "recommend"}
+
+
+def check_outputs(cfg, stages):
+    """Before any training: every output folder can be written (a file is created there and removed), the grid
+    log is a file name, and the result files that the stages merge into are readable CSVs. One line names the
+    key otherwise, so a bad folder is found in a second rather than after hours of training."""
+    if not set(stages) & OUTPUT_STAGES:
+        return
+    if not cfg["grid_csv"].strip() or Path(cfg["grid_csv"]).is_dir():
+        raise ConfigError(f"--grid_csv={cfg['grid_csv']}: give a file name for the grid log")
+    for key in ("results_dir", "checkpoint_dir", "figures_dir", "grid_csv"):
+        folder = Path(cfg[key]).parent if key == "grid_csv" else Path(cfg[key])
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"--{key}={cfg[key]}: cannot write there ({exc.strerror or exc}); choose a writable "
+                              "folder") from None
+    for path in Path(cfg["results_dir"]).glob("*.csv"):
+        read_results(path)
+    read_log(cfg["grid_csv"])
+
+
 def plan(overrides):
     """The invocation's own config and one config per dataset, all resolved and validated up front."""
     base = resolve_config(overrides)
@@ -3198,6 +3426,7 @@ def main(argv=None):
                 f"preset: {base['preset']} | datasets: {base['dataset']}"
             print(f"HoloMambaRec {__version__} | stages: {', '.join(stages)} | {what} | device: {device} | mamba-ssm "
                   f"kernel: {device.type == 'cuda' and cuda_kernels()[0] is not None}", file=sys.stderr)
+        check_outputs(base, stages)
         store = RunStore(base, given=overrides)
         for stage in stages:
             STAGES[stage](store, configs)
@@ -3206,9 +3435,13 @@ def main(argv=None):
                 print(f"figure: {path}", file=sys.stderr)
     except ArgumentParser.Exit as exc:
         return exc.status
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs and trials are saved; a run cut short keeps its best weights so far in "
+              "<checkpoint>.partial.pt, and the same command with --resume continues it", file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -210,11 +210,8 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"HoloMambaRec {H.__version__}"
 
 
-def test_cli_subprocess_help_and_config_error():
-    ok = subprocess.run([sys.executable, "HoloMambaRec.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
-    assert ok.returncode == 0
-    assert all(f"--{key}=" in ok.stdout for key in H.GLOBAL_CONFIG)
+def test_cli_subprocess_config_error():
+    """As a user meets it: a real process, one line on stderr, exit code 2 (--help is tested in-process above)."""
     bad = subprocess.run([sys.executable, "HoloMambaRec.py", "--d_model=0"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2

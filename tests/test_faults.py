@@ -1,0 +1,316 @@
+"""Faults injected on purpose: each one ends in one clear line (exit 2, or 130 on Ctrl-C), loses nothing and
+leaves earlier results intact."""
+import multiprocessing
+import os
+import signal
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import HoloMambaRec as H
+from conftest import TINY, outputs
+
+
+def argv_of(overrides):
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def one_line_error(capsys, phrase):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and phrase in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+# --------------------------------------------------------------------------- non-finite models never score
+def test_a_nan_model_fails_instead_of_scoring_perfectly(tiny, capsys):
+    argv = argv_of(tiny) + ["--stage=benchmark", "--models=SASRec", "--seeds=0"]
+    assert H.main(argv) == 0
+    bench = H.Path(tiny["results_dir"]) / "benchmark.csv"
+    rows = bench.read_bytes()
+    (path,) = H.Path(tiny["checkpoint_dir"]).glob("*.pt")
+    model = H.load(path, "cpu")
+    with torch.no_grad():
+        model.item_emb.weight[3, 0] = float("nan")
+    with pytest.raises(H.TrainingError, match="scores are not finite"):
+        H.rank_targets(model, H.load_dataset("synthetic").eval_split("test", 10, False))
+    # the same through --resume on a checkpoint whose weights are NaN: exit 2, the results rows untouched
+    H.save(model, path)
+    capsys.readouterr()
+    assert H.main(argv + ["--resume"]) == 2
+    one_line_error(capsys, "scores are not finite")
+    assert bench.read_bytes() == rows
+
+
+def test_a_diverging_loss_is_one_line(tiny, capsys):
+    assert H.main(argv_of(tiny) + ["--stage=benchmark", "--models=SASRec", "--lr=1e9", "--grad_clip=0",
+                                   "--epochs=3"]) == 2
+    one_line_error(capsys, "lower --lr")
+
+
+# --------------------------------------------------------------------------- the grid log
+def test_a_torn_last_line_is_dropped_and_repaired(tmp_path):
+    path = tmp_path / "grid.csv"
+    H.append_csv_row(path, {"trial": "a", "valid_ndcg@10": 0.1})
+    H.append_csv_row(path, {"trial": "b", "valid_ndcg@10": 0.2})
+    with open(path, "a") as fh:
+        fh.write("c,0.3")  # a crash in the middle of an append: no end of line
+    assert H.read_log(path)["trial"].tolist() == ["a", "b"]
+    H.append_csv_row(path, {"trial": "d", "valid_ndcg@10": 0.4})
+    assert pd.read_csv(path)["trial"].tolist() == ["a", "b", "d"]  # never glued onto the torn row
+
+
+def _append_forever(path):
+    i = 0
+    while True:
+        extra = {f"k{i // 5}": i} if i % 5 == 0 else {}  # every fifth row widens the header: a whole rewrite
+        H.append_csv_row(path, {"trial": f"t{i}", **extra, "valid_ndcg@10": i / 1000})
+        i += 1
+
+
+def test_sigkill_during_appends_and_rewrites_loses_at_most_the_row_in_flight(tmp_path):
+    path = tmp_path / "grid.csv"
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_append_forever, args=(path,))
+    child.start()
+    time.sleep(0.8)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    table = H.read_log(path)
+    n = len(table)
+    assert n > 20 and table["trial"].tolist() == [f"t{i}" for i in range(n)]  # every finished row, in order
+    assert table["valid_ndcg@10"].tolist() == pytest.approx([i / 1000 for i in range(n)])
+    assert not list(tmp_path.glob(".grid.csv.*.tmp"))  # at most an unfinished temporary file... removed or absent
+    H.append_csv_row(path, {"trial": "after", "valid_ndcg@10": 1.0})
+    assert H.read_log(path)["trial"].tolist()[-1] == "after"
+
+
+def test_a_failing_rewrite_leaves_the_log_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "grid.csv"
+    H.append_csv_row(path, {"trial": "a", "x": 1})
+    before = path.read_bytes()
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(H.Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        H.append_csv_row(path, {"trial": "b", "x": 2, "new_column": 3})  # a new column: a whole rewrite
+    monkeypatch.undo()
+    assert path.read_bytes() == before and not list(tmp_path.glob(".grid.csv.*"))
+
+
+def test_a_diverging_trial_is_recorded_and_skipped_on_rerun(tiny):
+    base = H.config(**{**tiny, "grid": "lr=0.001,1000000000", "grad_clip": 0.0, "epochs": 3})
+    H.grid_stage(H.RunStore(base), [base])
+    log = H.read_log(tiny["grid_csv"])
+    assert len(log) == 2 and log["error"].notna().tolist() == [False, True]
+    assert "lower --lr" in log["error"].iloc[1]
+    store = H.RunStore(base)
+    best = H.grid_stage(store, [base])  # nothing is trained again, and the failure is not the best
+    assert len(store.runs) == 0 and len(H.read_log(tiny["grid_csv"])) == 2
+    assert best[0]["lr"] == 0.001
+
+
+def test_the_summary_survives_a_best_row_from_an_earlier_grid(tiny, capsys):
+    path = H.Path(tiny["grid_csv"])
+    H.append_csv_row(path, {"trial": "synthetic|old", "dataset": "synthetic", "d_state": 32, "valid_ndcg@10": 0.99})
+    base = H.config(**{**tiny, "grid": "dropout=0.1"})
+    H.grid_stage(H.RunStore(base), [base])
+    assert "valid NDCG@10=0.9900" in capsys.readouterr().out
+
+
+def _grid_worker(overrides):
+    base = H.config(**overrides)
+    H.grid_stage(H.RunStore(base), [base])
+
+
+def test_two_processes_share_one_grid_without_repeating_a_trial(tiny, tmp_path):
+    overrides = {**tiny, "grid": "dropout=0.1,0.2,0.3", "epochs": 1}
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: a fork of a process with torch threads can hang
+    workers = [ctx.Process(target=_grid_worker, args=(overrides,)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    log = H.read_log(tiny["grid_csv"])
+    assert sorted(log["dropout"]) == [0.1, 0.2, 0.3] and log["trial"].is_unique
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 3  # each trained exactly once
+
+
+def test_a_dead_claimant_does_not_block_a_trial(tmp_path):
+    log = tmp_path / "grid.csv"
+    (tmp_path / "grid.csv.claims").write_text(f"trial-x,{H.socket.gethostname()},999999\n")  # no such process
+    assert H.claim_trial(log, "trial-x")
+    ctx = multiprocessing.get_context("fork")
+    other = ctx.Process(target=H.claim_trial, args=(log, "trial-y"))
+    other.start()
+    other.join()
+    assert H.claim_trial(log, "trial-y")  # its claimant exited: the trial is free again
+
+
+# --------------------------------------------------------------------------- concurrent writers, merged stages
+def _write_many(path, worker):
+    for i in range(40):
+        H.write_csv(path, [{"worker": worker, "i": i}])
+
+
+def test_concurrent_atomic_writes_never_collide(tmp_path):
+    path = tmp_path / "same.csv"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(path, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(pd.read_csv(path)) == 1 and not list(tmp_path.glob(".same.csv.*"))
+
+
+def test_stage_files_merge_the_rows_of_other_datasets(tmp_path):
+    results = tmp_path / "r"
+    H.upsert_csv(results / "compression.csv", [{"dataset": "a", "model": "HoloMamba", "k": 1, "bundling": "none",
+                                                "history_len": 8, "ndcg@10": 0.1}],
+                 ["dataset", "model", "k", "bundling", "history_len"])
+    overrides = {**TINY, **outputs(tmp_path), "results_dir": str(results), "dataset": "synthetic",
+                 "bundle_windows": "1", "compression_len": 8, "models": "SASRec", "epochs": 1}
+    base, configs = H.plan(overrides)
+    H.compression_stage(H.RunStore(base), configs)
+    assert set(pd.read_csv(results / "compression.csv")["dataset"]) == {"a", "synthetic"}
+    H.update_json(results / "grid_best.json", {"a": {"x": 1}})
+    H.update_json(results / "grid_best.json", {"b": {"x": 2}})
+    assert set(H.json.loads((results / "grid_best.json").read_text())) == {"a", "b"}
+
+
+# --------------------------------------------------------------------------- hostile files and folders
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_corrupt_checkpoints_and_records_under_resume_are_one_line(tiny, capsys):
+    cfg = H.config(**tiny)
+    run = H.RunStore(cfg).run(cfg, "GRU4Rec", 0)
+    argv = argv_of(tiny) + ["--stage=benchmark", "--models=GRU4Rec", "--seeds=0", "--resume"]
+    checkpoint, record = H.Path(run.checkpoint), H.Path(tiny["results_dir"]) / "runs" / f"{run.name}.json"
+    good_checkpoint, good_record = checkpoint.read_bytes(), record.read_text()
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    other = H.build_model("GRU4Rec", H.catalog_only(5), d_model=8, device="cpu")
+    for name, damage, phrase in [
+        ("zero bytes", lambda: checkpoint.write_bytes(b""), "not a readable HoloMambaRec checkpoint"),
+        ("truncated", lambda: checkpoint.write_bytes(good_checkpoint[:500]), "not a readable HoloMambaRec checkpoint"),
+        ("malicious", lambda: checkpoint.write_bytes(pickle.dumps(Evil())), "not a readable HoloMambaRec checkpoint"),
+        ("other shape", lambda: H.save(other, checkpoint), "does not fit this GRU4Rec"),
+        ("record", lambda: record.write_text(good_record[:40]), "not a readable run record"),
+    ]:
+        damage()
+        assert H.main(argv) == 2, name
+        one_line_error(capsys, phrase)
+        checkpoint.write_bytes(good_checkpoint)
+        record.write_text(good_record)
+    assert H.main(argv) == 0  # repaired: resumed, not trained
+
+
+def test_a_resume_on_other_data_trains_again(tiny, capsys):
+    cfg = H.config(**tiny)
+    run = H.RunStore(cfg).run(cfg, "SASRec", 0)
+    record = H.Path(tiny["results_dir"]) / "runs" / f"{run.name}.json"
+    record.write_text(record.read_text().replace(run.data_fingerprint, "0" * 16))
+    H.RunStore(cfg.replace(resume=True)).run(cfg.replace(resume=True), "SASRec", 0)
+    assert "trained on other data" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_training(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for key, value, phrase in [("results_dir", blocker / "sub", "--results_dir="), ("grid_csv", "", "--grid_csv="),
+                               ("checkpoint_dir", blocker, "--checkpoint_dir=")]:
+        start = time.perf_counter()
+        assert H.main(argv_of({**tiny, key: value}) + ["--stage=benchmark", "--models=SASRec"]) == 2
+        one_line_error(capsys, phrase)
+        assert time.perf_counter() - start < 5  # found before any training
+    bench = H.Path(tiny["results_dir"]) / "benchmark.csv"
+    bench.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_text("")  # zero bytes: no rows yet
+    assert H.main(argv_of(tiny) + ["--stage=benchmark", "--models=SASRec"]) == 0
+    assert len(pd.read_csv(bench)) == 2
+    bench.write_text('dataset,model\n"unclosed,quote\n')
+    assert H.main(argv_of(tiny) + ["--stage=benchmark", "--models=SASRec"]) == 2
+    one_line_error(capsys, "benchmark.csv is not a readable CSV")
+
+
+def test_a_huge_max_len_is_cut_to_the_longest_history(tiny, capsys):
+    cfg = H.config(**{**tiny, "max_len": 100000, "epochs": 1})
+    run = H.RunStore(cfg).run(cfg, "SASRec", 0)
+    assert run.cfg["max_len"] == 39 and "longest history (39 items): using 39" in capsys.readouterr().err
+
+
+def test_hostile_data_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "t.inter").write_text("user id:token\titem-id:token\ttimestamp:float\nu\ta\t1\n")
+    (tmp_path / "s.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\t2\nu\tc\t3\n")
+    (tmp_path / "s.item").write_text("category:token\nx\n")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "interactions.csv").write_bytes(b"user,item\n\xff\xfe,\x00\n")
+    cases = [(f"recbole:{tmp_path / 't'}", "lacks the field(s) ['item_id', 'user_id']"),
+             (f"recbole:{tmp_path / 's'}", "lacks the field item_id"),
+             (f"csv:{tmp_path / 'own'}", "fix the file")]
+    for spec, phrase in cases:
+        assert H.main(["--stage=stats", f"--dataset={spec}", "--min_user_count=1", "--min_item_count=1"]) == 2
+        one_line_error(capsys, phrase)
+    few = tmp_path / "few.csv"
+    few.write_text("user,item\nu,a\nu,b\nv,a\n")
+    assert H.main(["--stage=stats", f"--dataset=csv:{few}", "--min_user_count=1", "--min_item_count=1"]) == 2
+    one_line_error(capsys, "leave-one-out needs at least 3 interactions per user")
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_keeps_the_best_weights_and_resume_continues(tiny, capsys, monkeypatch):
+    overrides = {**tiny, "epochs": 6, "patience": 10}
+    real, calls = H.rank_targets, []
+
+    def interrupt_at_the_third_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(H, "rank_targets", interrupt_at_the_third_evaluation)
+    assert H.main(argv_of(overrides) + ["--stage=benchmark", "--models=SASRec", "--seeds=0"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after epoch 2" in err and err.strip().splitlines()[-1].startswith("interrupted:")
+    (partial,) = H.Path(tiny["checkpoint_dir"]).glob("*.partial.pt")
+    state = torch.load(partial, weights_only=True)
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert not (H.Path(tiny["results_dir"]) / "benchmark.csv").exists()  # nothing half-written
+    monkeypatch.setattr(H, "rank_targets", real)
+    assert H.main(argv_of(overrides) + ["--stage=benchmark", "--models=SASRec", "--seeds=0", "--resume"]) == 0
+    assert "continuing from" in capsys.readouterr().err and not partial.exists()
+    (record,) = (H.Path(tiny["results_dir"]) / "runs").glob("*.json")
+    assert [h["epoch"] for h in H.json.loads(record.read_text())["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_in_a_download_leaves_nothing(tmp_path, monkeypatch):
+    class Response:
+        headers = {}
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, size):
+            yield b"\x1f\x8b partial"
+            raise KeyboardInterrupt
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    import requests
+    monkeypatch.setattr(requests, "get", lambda *a, **k: Response())
+    with pytest.raises(KeyboardInterrupt):
+        H.download_file("https://example.invalid/x.gz", tmp_path / "d" / "x.gz")
+    assert not (tmp_path / "d").exists()
