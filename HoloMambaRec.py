@@ -2198,8 +2198,10 @@ class GraphedStep(EagerStep):
 
     def capture(self, batch):
         """Warm up on a side stream, record the step, then restore the weights and optimizer state the
-        warm-up changed, so training starts exactly where the eager path would."""
+        warm-up changed (a fresh optimizer's state back to zero, a resumed one's to what it was), so training
+        starts exactly where the eager path would."""
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        before = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in self.optimizer.state.items()}
         self.static = Batch(*(None if t is None else t.clone() for t in batch))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -2215,9 +2217,12 @@ class GraphedStep(EagerStep):
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(saved[k])
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    t.zero_()
+            for param, state in self.optimizer.state.items():
+                for name, t in state.items():
+                    if name in before.get(param, {}):
+                        t.copy_(before[param][name])
+                    else:
+                        t.zero_()
 
 
 def graph_blockers(model, runner, cfg, device):

@@ -314,3 +314,24 @@ def test_ctrl_c_in_a_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         H.download_file("https://example.invalid/x.gz", tmp_path / "d" / "x.gz")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("meta,phrase", [
+    ("{'asin': 'zz', 'categories': [['Beauty']]}\n", "holds no metadata for any reviewed item"),
+    ("['asin', 'ia']  # 'asin': 'ia'\n", "not an item's metadata"),
+    ("", "holds no metadata for any reviewed item"),
+])
+def test_beauty_metadata_that_matches_nothing_or_is_not_a_dict(tmp_path, meta, phrase):
+    import gzip
+    import json
+
+    folder = tmp_path / "amazon-beauty"
+    folder.mkdir()
+    rows = [{"reviewerID": f"u{u}", "asin": i, "unixReviewTime": t} for u in range(3) for t, i in enumerate("abc")]
+    rows = [dict(r, asin="ia" if r["asin"] == "a" else r["asin"]) for r in rows]
+    with gzip.open(folder / "reviews_Beauty_5.json.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    with gzip.open(folder / "meta_Beauty.json.gz", "wt") as fh:
+        fh.write(meta)
+    with pytest.raises(H.DataError, match=phrase):
+        H.load_dataset("amazon-beauty", data_dir=str(tmp_path), download=False, min_user_count=1, min_item_count=1)

@@ -80,3 +80,39 @@ def test_graph_replayed_training_is_seen_by_evaluation():
     model.load_state_dict(result.best_state)
     final = H.evaluate(model, data, "valid")
     assert final["ndcg@10"] == pytest.approx(max(scores), abs=1e-6)  # the best weights are the best epoch's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_checkpoint_trained_on_cuda_loads_and_ranks_alike_on_the_cpu(tmp_path):
+    data = H.load_dataset("synthetic")
+    torch.manual_seed(0)
+    model = H.build_model("HoloMamba", data, d_model=32, n_layers=1, max_len=20, epochs=2, device="cuda")
+    H.fit(model, data)
+    H.save(model, tmp_path / "m.pt")
+    on_cpu = H.load(tmp_path / "m.pt", device="cpu")
+    assert on_cpu.scan_backend == "parallel" and H.load(tmp_path / "m.pt", device="cuda").scan_backend == model.scan_backend
+    gpu = H.evaluate(model, data, "test", model.config)
+    cpu = H.evaluate(on_cpu, data, "test", model.config)
+    assert cpu["ndcg@10"] == pytest.approx(gpu["ndcg@10"], abs=2e-3)  # bf16 scores on the GPU, fp32 on the CPU
+    assert on_cpu.recommend(user=data.raw_users[0], k=5)[0][0] in {i for i, _ in model.recommend(user=data.raw_users[0], k=10)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_training_resumes_with_its_optimizer_state():
+    """A graphed step given a resumed optimizer state keeps it through capture (a fresh one starts at zero)."""
+    cfg = H.config("synthetic", d_model=32, n_layers=1, max_len=20, dropout=0.0, batch_size=8, amp=False)
+    data = H.catalog_only(50)
+    g = torch.Generator().manual_seed(0)
+    batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = H.build_model("HoloMamba", data, cfg.replace(cuda_graphs=graphs), "cuda").train()
+        first = H.make_train_step(model, model, cfg.replace(cuda_graphs=False), None, 6)
+        for batch in batches[:3]:
+            first(batch)
+        state = first.optimizer.state_dict()
+        step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
+        step.optimizer.load_state_dict(state)
+        losses[graphs] = torch.stack([step(batch) for batch in batches[3:]]).cpu()
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
