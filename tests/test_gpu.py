@@ -48,22 +48,32 @@ def test_holomamba_same_scores_with_cuda_and_parallel_backends():
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
+def step_losses(name, graphs, resume_after=0):
+    """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step. With resume_after=n,
+    an eager step trains the first n batches and hands its optimizer state to the step under test."""
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
+    torch.manual_seed(0)
+    model = H.build_model(name, H.catalog_only(50), cfg.replace(cuda_graphs=graphs), "cuda").train()
+    state = None
+    if resume_after:
+        first = H.make_train_step(model, model, cfg.replace(cuda_graphs=False), None, 6)
+        for batch in batches[:resume_after]:
+            first(batch)
+        state = first.optimizer.state_dict()
+    step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
+    assert isinstance(step, H.GraphedStep) == graphs
+    if state is not None:
+        step.optimizer.load_state_dict(state)
+    return torch.stack([step(batch) for batch in batches[resume_after:]]).cpu()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["HoloMamba", "SASRec", "GRU4Rec"])
 def test_cuda_graph_training_matches_eager(name):
-    """The captured-and-replayed training step follows the eager step (dropout off, same batches)."""
-    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False)
-    data = H.catalog_only(50)
-    g = torch.Generator().manual_seed(0)
-    batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
-    losses = {}
-    for graphs in (False, True):
-        torch.manual_seed(0)
-        model = H.build_model(name, data, cfg.replace(cuda_graphs=graphs), "cuda").train()
-        step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
-        assert isinstance(step, H.GraphedStep) == graphs
-        losses[graphs] = torch.stack([step(batch) for batch in batches]).cpu()
-    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
+    """The captured-and-replayed training step follows the eager step."""
+    torch.testing.assert_close(step_losses(name, True), step_losses(name, False), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -100,19 +110,5 @@ def test_a_checkpoint_trained_on_cuda_loads_and_ranks_alike_on_the_cpu(tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_training_resumes_with_its_optimizer_state():
     """A graphed step given a resumed optimizer state keeps it through capture (a fresh one starts at zero)."""
-    cfg = H.config("synthetic", d_model=32, n_layers=1, max_len=20, dropout=0.0, batch_size=8, amp=False)
-    data = H.catalog_only(50)
-    g = torch.Generator().manual_seed(0)
-    batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
-    losses = {}
-    for graphs in (False, True):
-        torch.manual_seed(0)
-        model = H.build_model("HoloMamba", data, cfg.replace(cuda_graphs=graphs), "cuda").train()
-        first = H.make_train_step(model, model, cfg.replace(cuda_graphs=False), None, 6)
-        for batch in batches[:3]:
-            first(batch)
-        state = first.optimizer.state_dict()
-        step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
-        step.optimizer.load_state_dict(state)
-        losses[graphs] = torch.stack([step(batch) for batch in batches[3:]]).cpu()
-    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(step_losses("HoloMamba", True, resume_after=3),
+                               step_losses("HoloMamba", False, resume_after=3), rtol=1e-3, atol=1e-4)
