@@ -1,6 +1,7 @@
 """Shared set-up of the CPU suite: the script is importable from the repository root; `tiny` is a small
 config on the synthetic data; `trained` is one RunStore, shared by the stage tests, holding a benchmark of three
 small models trained once per test session."""
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+os.environ["HOLOMAMBA_CACHE_DIR"] = ""  # tests never write a dataset cache into the repository (test_data turns it on)
 import HoloMambaRec as H  # noqa: E402
 
 TINY = {"d_model": 16, "n_layers": 1, "d_state": 8, "max_len": 10, "epochs": 2, "batch_size": 128,

@@ -75,12 +75,12 @@ def test_save_and_load_roundtrip(synthetic, tmp_path):
     assert payload["model"] == "HoloMamba" and payload["config"]["d_model"] == 16 and payload["note"] == "hello"
     assert payload["version"] == H.__version__ and payload["catalog"]["n_items"] == synthetic.n_items
     loaded = H.load(path, device="cpu")
-    assert type(loaded) is H.HoloMamba and not loaded.training and loaded.scan_backend == "parallel"
+    assert type(loaded) is H.HoloMamba and not loaded.training and loaded.scan_backend == "reference"
     assert H.evaluate(loaded, synthetic, "test") == H.evaluate(model, synthetic, "test")
     # a checkpoint trained with the CUDA kernel loads on a machine without it
     payload["config"]["scan_backend"] = "cuda"
     torch.save(payload, tmp_path / "gpu.pt")
-    assert H.load(tmp_path / "gpu.pt", device="cpu").scan_backend == "parallel"
+    assert H.load(tmp_path / "gpu.pt", device="cpu").scan_backend == "reference"
     torch.save({"state_dict": payload["state_dict"], "config": payload["config"]}, tmp_path / "old.pt")
     with pytest.raises(H.DataError, match="old-format or foreign checkpoint: it lacks \\['catalog', 'model'\\]"):
         H.load(tmp_path / "old.pt")

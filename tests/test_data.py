@@ -5,8 +5,10 @@ import json
 import zipfile
 import zlib
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import HoloMambaRec as H
 
@@ -426,3 +428,22 @@ def test_recbole_timestamp_that_is_not_a_number_is_an_error(tmp_path):
     (tmp_path / "t.inter").write_text("\n".join(lines) + "\n")
     with pytest.raises(H.DataError, match="t.inter, line 3: timestamp 'soon'"):
         H.load_dataset(f"recbole:{tmp_path / 't'}", min_user_count=1, min_item_count=1)
+
+
+def test_prepared_datasets_are_cached_by_file_checksum_and_data_keys(tmp_path, capsys):
+    write_ml1m(tmp_path)
+    cfg = cfg_for("ml-1m", tmp_path).replace(cache_dir=str(tmp_path / "cache"))
+    first = H.load_dataset(cfg)
+    (cache,) = (tmp_path / "cache").glob("ml-1m-*.pt")
+    again = H.load_dataset(cfg)  # from the cache: the same data, the same fingerprint
+    assert again.index.fingerprint == first.index.fingerprint and again.stats() == first.stats()
+    assert all(np.array_equal(a, b) for a, b in zip(again.sequences, first.sequences))
+    assert torch.equal(again.item_attributes, first.item_attributes) and again.has_repeats == first.has_repeats
+    H.load_dataset(cfg.replace(attribute_mode="first"))  # other data keys: another entry
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    cache.write_bytes(b"torn")  # a damaged entry is parsed again, never trusted
+    assert H.load_dataset(cfg).index.fingerprint == first.index.fingerprint
+    assert "unreadable cache" in capsys.readouterr().err
+    write_ml1m(tmp_path, rows=ROWS[:-1])  # other file bytes: another key, so never stale data
+    H.load_dataset(cfg)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3

@@ -83,8 +83,8 @@ def test_shapes_with_loaded_dataset(name):
 
 @pytest.mark.parametrize("name", ["HoloMamba", "Mamba-ItemOnly"])
 def test_build_model_with_default_auto_scan_backend_runs(name):
-    """build_model on a validated config with the default scan_backend="auto" must give a model that runs
-    on the CPU (auto means the parallel scan there), with the same scores as an explicit "parallel"."""
+    """build_model on a validated config with the default scan_backend="auto" gives a model that runs on the CPU
+    (auto means the loop over time there, the fastest CPU scan), with the parallel scan's scores to 1e-5."""
     cfg = H.resolve_config({"d_model": 16, "n_layers": 1, "d_state": 8, "max_len": MAX_LEN}, "synthetic")
     assert cfg["scan_backend"] == "auto"
     seq = random_items((2, MAX_LEN), seed=3)
@@ -92,10 +92,10 @@ def test_build_model_with_default_auto_scan_backend_runs(name):
     auto = H.build_model(name, H.catalog_only(N_ITEMS), cfg, "cpu").eval()
     torch.manual_seed(0)
     parallel = H.build_model(name, H.catalog_only(N_ITEMS), cfg.replace(scan_backend="parallel"), "cpu").eval()
-    assert auto.scan_backend == parallel.scan_backend == "parallel"  # chosen once, at build, for the device
-    assert all(m.scan is H.selective_scan_parallel for m in auto.mixers)
+    assert auto.scan_backend == "reference" and parallel.scan_backend == "parallel"  # chosen once, at build
+    assert all(m.scan is H.selective_scan_reference for m in auto.mixers)
     with torch.no_grad():
-        torch.testing.assert_close(score(auto, seq), score(parallel, seq), rtol=0, atol=0)
+        torch.testing.assert_close(score(auto, seq), score(parallel, seq), rtol=1e-5, atol=1e-5)
 
 
 def test_holomamba_binding_changes_item_vectors_and_itemonly_does_not():

@@ -99,7 +99,7 @@ def test_linear_scan_gradcheck(l):
 
 def test_pick_scan_backend_on_cpu():
     cpu = torch.device("cpu")
-    assert H.pick_scan_backend("auto", cpu) == "parallel"
+    assert H.pick_scan_backend("auto", cpu) == "reference"  # the fastest scan on a CPU
     assert H.pick_scan_backend("reference", cpu) == "reference"
     with pytest.raises(H.ConfigError, match="scan_backend=cuda"):
         H.pick_scan_backend("cuda", cpu)

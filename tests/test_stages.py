@@ -114,6 +114,29 @@ def test_efficiency_rows(trained):
     assert catalog["softmax"].tolist() == ["full", "sampled (256)"] and (catalog["n_items"] == 500).all()
 
 
+def test_efficiency_skips_a_row_that_does_not_fit(trained, monkeypatch, capsys):
+    real = H.measure_model
+
+    def oom_for_sasrec(name, cfg, device):
+        if name == "SASRec":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.80 GiB")
+        return real(name, cfg, device)
+
+    monkeypatch.setattr(H, "measure_model", oom_for_sasrec)
+    rows = H.efficiency_stage(trained.store, trained.configs)
+    sasrec = [r for r in rows if r.get("model") == "SASRec"]
+    assert sasrec and sasrec[0]["skipped"].startswith("out of memory") and "train_seqs_per_s" not in sasrec[0]
+    assert all(r["skipped"] == "" for r in rows if r.get("model") == "HoloMamba")
+    assert "efficiency: skipped" in capsys.readouterr().err
+
+
+def test_efficiency_keeps_batch_times_length_constant_at_long_lengths(trained):
+    base = trained.base.replace(efficiency_lengths="16,64", efficiency_tokens=512, efficiency_batch=64,
+                                efficiency_catalogs="300")
+    rows = H.efficiency_stage(H.RunStore(base), [])
+    assert {(r["max_len"], r["batch"]) for r in rows if "model" in r} == {(16, 32), (64, 8)}
+
+
 def test_stats_stage_counts(trained, capsys):
     (stats,) = H.stats_stage(trained.store, trained.configs)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == stats
