@@ -17,6 +17,18 @@ def argv_of(overrides):
     return [f"--{k}={v}" for k, v in overrides.items()]
 
 
+def in_processes(target, *argument_lists):
+    """Run target(*args) in one forked process per argument list (the targets run no torch code, so forking is
+    safe); returns their exit codes."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=args) for args in argument_lists]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [p.exitcode for p in procs]
+
+
 def one_line_error(capsys, phrase):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and phrase in err[-1], err
@@ -130,13 +142,7 @@ def _claim_and_log(log, worker):
 
 def test_processes_sharing_a_grid_log_claim_each_trial_once(tmp_path):
     log = tmp_path / "grid.csv"
-    ctx = multiprocessing.get_context("fork")  # the workers run no torch code: forking is safe
-    workers = [ctx.Process(target=_claim_and_log, args=(log, w)) for w in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert in_processes(_claim_and_log, (log, 0), (log, 1), (log, 2)) == [0, 0, 0]
     table = H.read_log(log)
     assert sorted(table["trial"]) == sorted(f"t{i}" for i in range(12)) and table["trial"].is_unique
 
@@ -158,10 +164,7 @@ def test_a_dead_claimant_does_not_block_a_trial(tmp_path):
     log = tmp_path / "grid.csv"
     (tmp_path / "grid.csv.claims").write_text(f"trial-x,{H.socket.gethostname()},999999\n")  # no such process
     assert H.claim_trial(log, "trial-x")
-    ctx = multiprocessing.get_context("fork")
-    other = ctx.Process(target=H.claim_trial, args=(log, "trial-y"))
-    other.start()
-    other.join()
+    assert in_processes(H.claim_trial, (log, "trial-y")) == [0]
     assert H.claim_trial(log, "trial-y")  # its claimant exited: the trial is free again
 
 
@@ -173,13 +176,7 @@ def _write_many(path, worker):
 
 def test_concurrent_atomic_writes_never_collide(tmp_path):
     path = tmp_path / "same.csv"
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_write_many, args=(path, w)) for w in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert in_processes(_write_many, (path, 0), (path, 1), (path, 2)) == [0, 0, 0]
     assert len(pd.read_csv(path)) == 1 and not list(tmp_path.glob(".same.csv.*"))
 
 
