@@ -401,13 +401,16 @@ class Config(Mapping):
         return {k: v for k, v in self._values.items() if CONFIG_TABLE[k].role in roles}
 
 
+SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
+
+
 def run_hash(cfg):
     """Short hash of the keys that change a trained model: the data, model and training roles. Outputs, stages,
     seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately).
     exclude_seen is hashed as the boolean it was before 'auto' existed, so a run keeps its hash; a run resolves
     'auto' for its data before it is hashed (RunStore.run)."""
     values = Config(cfg).of_role(*HASHED_ROLES)
-    values["exclude_seen"] = {"true": True, "false": False}.get(values["exclude_seen"], values["exclude_seen"])
+    values["exclude_seen"] = SWITCH.get(values["exclude_seen"], values["exclude_seen"])
     blob = json.dumps(sorted(values.items()))
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -1127,19 +1130,15 @@ def attribute_table(items, raw_attributes, cfg):
 def excludes_seen(cfg, data):
     """cfg['exclude_seen'] resolved for data: auto excludes a user's earlier items from the ranking unless some
     user repeats an item (then a repeated target would be an automatic miss, and a repeat never recommended)."""
-    return {"true": True, "false": False}.get(cfg["exclude_seen"], not data.has_repeats)
+    return SWITCH.get(str(cfg["exclude_seen"]).lower(), not data.has_repeats)
 
 
 def fitted_config(cfg, data):
-    """cfg for data: exclude_seen 'auto' resolved, and max_len cut to the longest input a user has (a longer
-    window is padding only, and an absurd one would exhaust memory)."""
-    cfg = Config(cfg).replace(exclude_seen=str(excludes_seen(cfg, data)).lower())
-    longest = max(len(s) for s in data.sequences) - 1  # the test input: everything but the last item
-    if cfg["max_len"] > max(longest, 2):
-        print(f"[{cfg['dataset']}] max_len={cfg['max_len']} is longer than the longest history ({longest} items): "
-              f"using {max(longest, 2)}", file=sys.stderr)
-        cfg = cfg.replace(max_len=max(longest, 2))
-    return cfg
+    """cfg for data, as a run is hashed and trained: exclude_seen 'auto' resolved, and max_len cut to the longest
+    input a user has (a longer window is padding only, and an absurd one would exhaust memory)."""
+    longest = max(max(len(s) for s in data.sequences) - 1, 2)  # the test input: everything but the last item
+    return Config(cfg).replace(exclude_seen=str(excludes_seen(cfg, data)).lower(),
+                               max_len=min(cfg["max_len"], longest))
 
 
 def data_key(cfg, files):
@@ -1520,8 +1519,7 @@ class Recommender(nn.Module):
         """exclude_seen given, else the model's own setting ('auto': unless its data has repeated items)."""
         if exclude_seen is not None:
             return bool(exclude_seen)
-        return {"true": True, "false": False}.get(str(self.config.get("exclude_seen", "auto")).lower(),
-                                                  not self.id_index().has_repeats)
+        return excludes_seen(self.config, self.id_index())  # the index knows whether its data has repeats
 
     @torch.no_grad()
     def recommend(self, user=None, history=None, k=10, exclude_seen=None, skip_unknown=False):
@@ -1561,9 +1559,9 @@ class Recommender(nn.Module):
             with autocast(self.config, device):
                 scores = self.score_next(Batch(items, users=users, ends=ends))
         if self.excluding_seen(exclude_seen):
-            for i, h in enumerate(histories):
-                if len(h):
-                    scores[i, torch.tensor(h, device=scores.device) - 1] = float("-inf")
+            offsets = torch.as_tensor(np.concatenate([[0], np.cumsum([len(h) for h in histories])]))
+            flat = torch.as_tensor(np.concatenate([np.zeros(0, dtype=np.int64), *histories]), device=scores.device)
+            mask_seen(scores, (flat, offsets), 0)
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         return [[(index.items[i], float(v)) for i, v in zip(ids.tolist(), vals.tolist()) if math.isfinite(v)]
                 for ids, vals in zip(top.indices, top.values)]
@@ -2684,7 +2682,11 @@ class RunStore:
         resume, a finished run on the same data is reloaded, and a run cut short by Ctrl-C continues from its
         <name>.partial.pt."""
         data = self.dataset(cfg)
-        cfg = fitted_config(cfg, data)
+        fitted = fitted_config(cfg, data)
+        if fitted["max_len"] < cfg["max_len"]:
+            print(f"[{cfg['dataset']}] max_len={cfg['max_len']} is longer than the longest history: using "
+                  f"{fitted['max_len']}", file=sys.stderr)
+        cfg = fitted
         key = (cfg["dataset"], model_name, seed, run_hash(cfg))
         if key in self.runs:
             return self.runs[key]
@@ -3010,7 +3012,7 @@ def grid_stage(store, configs):
         done = set(read_log(path)["trial"].astype(str))
         for i, trial in enumerate(tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process())):
             trial_cfg = cfg.replace(**trial)
-            trial_key = f"{dataset}|{run_hash(trial_cfg.replace(exclude_seen=str(excludes_seen(cfg, store.dataset(cfg))).lower()))}"
+            trial_key = f"{dataset}|{run_hash(fitted_config(trial_cfg, store.dataset(trial_cfg)))}"  # = its run's hash
             if i % world != rank or trial_key in done or not claim_trial(path, trial_key):
                 continue
             try:
