@@ -253,6 +253,7 @@ CONFIG_TABLE = {
     "num_negatives": Key(0, "training", at_least(0), "0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction"),
     "train_window": Key("last", "training", one_of("last", "random"), "training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)"),
     "attribute_loss": Key(0.0, "training", at_least(0), "weight of next-attribute prediction: each state, unbound by each field's role, classifies the next item's attribute of that field"),
+    "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
     "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
     "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
@@ -270,6 +271,7 @@ CONFIG_TABLE = {
     "device": Key("auto", "system", device_name, "auto | cpu | cuda | cuda:N"),
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
+    "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (cut-cross-entropy's fused kernel on CUDA when the package imports, else torch) | cce (that kernel: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)"),
     "compile": Key(False, "system", None, "torch.compile the model"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
@@ -289,6 +291,9 @@ CROSS_CHECKS = [
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
     ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
     ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
+    ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"],
+     "needs --attribute_loss or --agreement_loss (the objectives it trains)"),
+    ("pretrain_epochs", lambda c: c["pretrain_epochs"] < c["epochs"], "must be below epochs"),
     ("ramrec_k_max", lambda c: c["ramrec_k_max"] >= c["ramrec_k_min"], "must be >= ramrec_k_min"),
     ("ramrec_slots", lambda c: c["ramrec_slots"] >= c["ramrec_k_max"], "must be >= ramrec_k_max"),
     ("ramrec_writes", lambda c: c["ramrec_writes"] <= c["ramrec_slots"], "must be in [1, ramrec_slots]"),
@@ -404,13 +409,20 @@ class Config(Mapping):
 SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
 
 
+HASHED_WHEN_SET = ("pretrain_epochs",)
+
+
 def run_hash(cfg):
     """Short hash of the keys that change a trained model: the data, model and training roles. Outputs, stages,
     seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately).
     exclude_seen is hashed as the boolean it was before 'auto' existed, so a run keeps its hash; a run resolves
-    'auto' for its data before it is hashed (RunStore.run)."""
+    'auto' for its data before it is hashed (RunStore.run). Keys added later (HASHED_WHEN_SET) count only when
+    set away from their default, so the runs made before them keep their hashes."""
     values = Config(cfg).of_role(*HASHED_ROLES)
     values["exclude_seen"] = SWITCH.get(values["exclude_seen"], values["exclude_seen"])
+    for key in HASHED_WHEN_SET:
+        if values[key] == GLOBAL_CONFIG[key]:
+            del values[key]
     blob = json.dumps(sorted(values.items()))
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -1405,17 +1417,34 @@ class MambaBlock(nn.Module):
     def forward(self, hidden, mask=None):
         if mask is not None:
             hidden = hidden * mask
+        if self.scan_backend == "cuda":
+            return self.forward_kernels(hidden, mask)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        if self.conv_kernel is not None:
-            x = self.conv_kernel(x.transpose(1, 2), self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
-            x = x.transpose(1, 2)
-        else:
-            x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
+        x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
+        if mask is not None:  # padded steps feed nothing, so the state stays zero through the left padding
+            x = x * mask
         delta, B, C = self.ssm_inputs(x)
-        if mask is not None:
-            delta = delta * mask
         y, _ = self.scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
         return self.out_proj(y * F.silu(z))
+
+    def forward_kernels(self, hidden, mask=None):
+        """forward in the kernels' (b, channels, l) layout from the input projection on: no transposed copies of
+        the wide activations, Δ's bias and softplus and the SiLU gate fused into the scan kernel, every tensor in
+        the dtype the kernels take (bf16 under autocast)."""
+        length = hidden.shape[1]
+        xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))  # (b, 2 d_inner, l)
+        x, z = xz.chunk(2, dim=1)
+        if self.conv_kernel is not None:
+            x = self.conv_kernel(x, self.conv.weight.squeeze(1), self.conv.bias, activation="silu")
+        else:
+            x = F.silu(self.conv(x)[..., :length])
+        if mask is not None:
+            x = x * mask.transpose(1, 2).to(x.dtype)
+        dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), before bias and softplus
+        y = cuda_kernels()[0](x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return F.linear(y.transpose(1, 2), self.out_proj.weight)
 
     def init_state(self, batch, device):
         d_inner = self.D.shape[0]
@@ -1491,11 +1520,13 @@ class FeedForward(nn.Module):
 class Recommender(nn.Module):
     """The shared contract: forward(Batch) -> Output, output_table(), score_next(Batch). Capabilities:
     reads_users (per-user state in the module: one process, no DDP), graph_safe (the training step can be
-    captured as a CUDA graph), recurrent (init_state / step stream one interaction at a time)."""
+    captured as a CUDA graph), recurrent (init_state / step stream one interaction at a time),
+    has_attribute_objectives (an auxiliary attribute loss that attribute pre-training can train alone)."""
     name = ""
     reads_users = False
     graph_safe = True
     recurrent = False
+    has_attribute_objectives = False  # pre-training (pretrain_epochs) trains them alone first
     scan_backend = ""  # the scan backend of Mamba models ("" for the others)
 
     def __init__(self, cfg, catalog):
@@ -1790,6 +1821,10 @@ class HoloMamba(Recommender):
         if self.agreement_loss:
             loss = loss + self.agreement_loss * field_loss(self.item_vectors(targets))
         return loss
+
+    @property
+    def has_attribute_objectives(self):
+        return bool(self.use_binding and (self.attribute_loss or self.agreement_loss))
 
     def output_table(self):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
@@ -2228,19 +2263,65 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden.to(hidden.dtype), grad_table.to(table.dtype), None, None, None
 
 
-def next_item_loss(out, table, cfg, item_log_q=None):
+@functools.lru_cache(maxsize=None)
+def cce_kernel():
+    """cut-cross-entropy's fused linear cross-entropy (pip install cut-cross-entropy; Triton, CUDA only) as
+    rows(hidden (N, d), table (V, d), targets (N,)) -> per-row loss: logits are formed and reduced on chip and
+    recomputed in the backward. Called without its ignore mask (whose nonzero() would sync the host and break
+    CUDA-graph capture) and with exact gradients (filter_eps=None). None where it does not import."""
+    try:
+        from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply
+    except Exception:
+        return None
+
+    def rows(hidden, table, targets):
+        params = CCEParams(targets=targets, valids=None, softcap=None, reduction="none", filter_eps=None,
+                           shift=False, batch_shape=targets.shape)
+        return linear_cross_entropy_apply(hidden, table, params)
+    return rows
+
+
+def uses_cce(cfg, device):
+    """Whether the full softmax goes through cce_kernel: on CUDA, under bf16 autocast (its backward takes half
+    precision), when the package imports."""
+    usable = (device.type == "cuda" and cce_kernel() is not None and torch.is_autocast_enabled("cuda")
+              and torch.get_autocast_dtype("cuda") in (torch.bfloat16, torch.float16))
+    if cfg["ce_kernel"] == "cce" and not usable:
+        raise ConfigError("--ce_kernel=cce needs a CUDA device, --amp=true and the cut-cross-entropy package "
+                          "(pip install cut-cross-entropy); use --ce_kernel=torch")
+    return cfg["num_negatives"] == 0 and usable and cfg["ce_kernel"] != "torch"
+
+
+def fused_cross_entropy(hidden, table, targets, smoothing):
+    """The full-softmax loss of next_item_loss through cce_kernel (targets < 0 carry none). Label smoothing ε is
+    added in closed form: smoothed row = row + ε (z_target - mean_v z_v), with mean_v z_v = h · mean_v w_v."""
+    dtype = torch.get_autocast_dtype("cuda")
+    h, w = hidden.to(dtype).contiguous(), table.to(dtype).contiguous()
+    valid, safe = targets.ge(0), targets.clamp(min=0)
+    rows = cce_kernel()(h, w, safe)
+    if smoothing:
+        with torch.autocast("cuda", enabled=False):
+            target_logits = (h.float() * F.embedding(safe, w).float()).sum(-1)
+            rows = rows + smoothing * (target_logits - h.float() @ w.float().mean(0))
+    return (rows * valid).sum() / valid.sum().clamp(min=1)
+
+
+def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0):
     """Cross-entropy of each state's target (targets 0 carry no loss) plus the model's auxiliary loss: full
-    softmax over all items (no host synchronisation, so the step can be captured in a CUDA graph; in chunks of
-    ce_chunk items over a larger catalog), or sampled softmax with popularity-sampled negatives and logQ
-    correction (cfg num_negatives > 0)."""
+    softmax over all items (no host synchronisation, so the step can be captured in a CUDA graph; through the
+    fused kernel of ce_kernel, or in chunks of ce_chunk items over a larger catalog), or sampled softmax with popularity-sampled negatives and logQ
+    correction (cfg num_negatives > 0). item_weight scales the next-item term (0 in attribute pre-training)."""
     hidden, targets = out.hidden, out.targets
+    if uses_cce(cfg, hidden.device):
+        return out.aux_loss + item_weight * fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1,
+                                                  cfg["label_smoothing"])
     if cfg["num_negatives"] == 0 and cfg["ce_chunk"] and len(table) - 1 > cfg["ce_chunk"]:
         flat, catalog = hidden.flatten(0, 1), table[1:].to(hidden.dtype)
-        return out.aux_loss + ChunkedCrossEntropy.apply(flat, catalog, targets.flatten() - 1,
+        return out.aux_loss + item_weight * ChunkedCrossEntropy.apply(flat, catalog, targets.flatten() - 1,
                                                         cfg["label_smoothing"], cfg["ce_chunk"])
     if cfg["num_negatives"] == 0:
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
-        return out.aux_loss + F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1,
+        return out.aux_loss + item_weight * F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1,
                                               label_smoothing=cfg["label_smoothing"])
     keep = targets.gt(0)
     hidden, targets = hidden[keep], targets[keep]
@@ -2249,7 +2330,7 @@ def next_item_loss(out, table, cfg, item_log_q=None):
     neg = hidden @ table[negatives].T - item_log_q[negatives]
     neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg], dim=1).float()
-    return out.aux_loss + F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
+    return out.aux_loss + item_weight * F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
 
 
 class EagerStep:
@@ -2258,12 +2339,15 @@ class EagerStep:
     def __init__(self, model, runner, cfg, item_log_q=None, steps_per_epoch=1, optimizer_options=None):
         self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
         self.device, self.steps, self.steps_per_epoch = model_device(model), 0, steps_per_epoch
+        self.item_weight = torch.ones((), device=self.device)  # a tensor, so a captured graph sees its changes
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all parameters
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                           **(optimizer_options or {}))
+                                           **(optimizer_options or fused))
 
     def forward_backward(self, batch):
         with autocast(self.cfg, self.device):
-            loss = next_item_loss(self.runner(batch), self.model.output_table(), self.cfg, self.item_log_q)
+            loss = next_item_loss(self.runner(batch), self.model.output_table(), self.cfg, self.item_log_q,
+                                  self.item_weight)
         loss.backward()
         if self.cfg["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
@@ -2398,6 +2482,8 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     try:
         for epoch in bar:
             model.train()
+            pretraining = epoch < cfg["pretrain_epochs"] and model.has_attribute_objectives
+            step.item_weight.fill_(0.0 if pretraining else 1.0)
             epoch_start = time.perf_counter()
             ends = windows.window_ends(cfg["train_window"], generator)
             train_x, train_y = windows.cut(ends)
@@ -2409,7 +2495,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
                 total += step(Batch(train_x[idx], train_y[idx], *users))
             synchronize(device)
             train_seconds += time.perf_counter() - epoch_start
-            if (epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]:
+            if pretraining or ((epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]):
                 continue
             metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
             history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
@@ -3225,6 +3311,7 @@ def fake_batch(n_items, batch, length, device, generator=None):
 def measure_model(name, cfg, device):
     """One row of the efficiency table for one model at one sequence length (catalog of efficiency_items)."""
     set_seed(0)
+    cfg = cfg.replace(batch_size=cfg["efficiency_batch"])  # a graphed step pads any batch up to batch_size
     n_items = cfg["efficiency_items"]
     model = build_model(name, catalog_only(n_items), cfg, device)
     batch = fake_batch(n_items, cfg["efficiency_batch"], cfg["max_len"], device)
@@ -3247,7 +3334,7 @@ def streaming_step_ms(model, history, device, steps=20):
     if not model.recurrent:
         return 1000 * timed(lambda: model.score_next(Batch(history)), device, repeats=steps)
     state, table = model.init_state(1), model.output_table()[1:]
-    for t in range(history.shape[1]):  # prefill the state item by item
+    for t in range(max(0, history.shape[1] - 64), history.shape[1]):  # a step costs the same after any history
         _, state = model.step(state, history[:, t], table)
     item = history[:, -1]
     return 1000 * timed(lambda: model.step(state, item, table), device, repeats=steps)
@@ -3257,6 +3344,7 @@ def measure_catalog(cfg, n_items, device):
     """Time and peak memory of one HoloMamba training step with a catalog of n_items (full softmax, chunked over
     catalogs larger than ce_chunk, or sampled softmax)."""
     batch = cfg["efficiency_batch"]
+    cfg = cfg.replace(batch_size=batch)
     generator = torch.Generator().manual_seed(0)
     model = build_model("HoloMamba", catalog_only(n_items), cfg, device)
     log_q = torch.full((n_items + 1,), -math.log(n_items), device=device)

@@ -157,3 +157,17 @@ def test_shuffled_control_keeps_attribute_frequencies_and_breaks_the_link(synthe
     assert all(torch.equal(p, q) for p, q in zip(holo.parameters(), shuffled.parameters()))
     # and the checkpoint keeps the real catalog, so a reloaded control is shuffled exactly once
     assert torch.equal(shuffled.catalog.item_attributes, synthetic.item_attributes)
+
+
+def test_attribute_pretraining_trains_only_the_attribute_objectives_and_skips_validation(synthetic):
+    """With the next-item weight at 0 the loss is the auxiliary loss alone; fit's history starts after the
+    pre-training epochs (no validation while they run)."""
+    model = model_of(synthetic, attribute_loss=0.5).train()
+    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(3))
+    out = model(H.Batch(seq[:, :-1], seq[:, 1:]))
+    loss = H.next_item_loss(out, model.output_table(), model.config, item_weight=0.0)
+    assert torch.equal(loss, out.aux_loss) and out.aux_loss.item() > 0
+    result = H.fit(model, synthetic, epochs=3, pretrain_epochs=2, eval_every=1, patience=5)
+    assert [h["epoch"] for h in result.history] == [3]
+    with pytest.raises(H.ConfigError, match="pretrain_epochs"):
+        H.config("synthetic", pretrain_epochs=2)

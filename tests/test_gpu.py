@@ -48,6 +48,48 @@ def test_holomamba_same_scores_with_cuda_and_parallel_backends():
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernel
+def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients():
+    """MambaBlock.forward_kernels (the (b, d, l) layout, fused Δ softplus and gate) against the plain forward,
+    on left-padded input, in fp32."""
+    torch.manual_seed(0)
+    block = H.MambaBlock(32, 16).cuda()
+    x = torch.randn(3, 40, 32, device="cuda", requires_grad=True)
+    mask = torch.ones(3, 40, 1, device="cuda")
+    mask[0, :25], mask[1, :3] = 0, 0
+    outs, grads = [], []
+    for backend in ("cuda", "parallel"):
+        block.use_backend(backend)
+        y = block(x, mask)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * mask).square().sum(), [x, *block.parameters()]))
+    torch.testing.assert_close(outs[0] * mask, outs[1] * mask, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or H.cce_kernel() is None, reason="needs CUDA and cut-cross-entropy")
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
+    """cut-cross-entropy through next_item_loss against F.cross_entropy, both under bf16 autocast (the kernel's
+    backward takes bf16), ignored rows included: loss to 1e-3 relative, gradients to 1e-2 relative / 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 30, 16, generator=g).cuda().requires_grad_()
+    table = torch.randn(1001, 16, generator=g).cuda().requires_grad_()
+    targets = torch.randint(0, 1001, (4, 30), generator=g).cuda()
+    targets[:, :5] = 0
+    cfg = H.config("synthetic", label_smoothing=smoothing)
+    losses, grads = [], []
+    for kernel in ("cce", "torch"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = H.next_item_loss(H.Output(hidden, targets), table, cfg.replace(ce_kernel=kernel))
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [hidden, table]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-4)
+
+
 def step_losses(name, graphs, resume_after=0):
     """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step. With resume_after=n,
     an eager step trains the first n batches and hands its optimizer state to the step under test."""
