@@ -1639,6 +1639,48 @@ class Recommender(nn.Module):
         raise NotImplementedError(f"{self.name} has no recurrent state: score_next re-reads the window")
 
 
+def leaves(state):
+    """The tensors of a recurrent state (a tensor, or lists / tuples of them), in order."""
+    return [state] if torch.is_tensor(state) else [t for part in state for t in leaves(part)]
+
+
+class GraphedStream:
+    """Streaming inference of a recurrent model on CUDA, one interaction per user per call, as one replayed
+    CUDA graph: the users' states live in static buffers that the graph updates in place, so a call costs a
+    copy of the new items and one launch. stream(items (b,)) -> scores (b, n_items), valid until the next call."""
+
+    def __init__(self, model, batch, cfg=None):
+        device = model_device(model)
+        self.model, cfg = model.eval(), cfg or model.config
+        with torch.no_grad(), autocast(cfg, device):
+            self.table = model.output_table()[1:]
+        self.state = model.init_state(batch)
+        self.items = torch.ones(batch, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph (lazy initialisation, kernel selection)
+                self.fold()
+        torch.cuda.current_stream(device).wait_stream(side)
+        for t in leaves(self.state):
+            t.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.scores = self.fold()
+
+    def fold(self):
+        with torch.no_grad(), autocast(self.model.config, self.items.device):
+            scores, new = self.model.step(self.state, self.items, self.table)
+            for old, fresh in zip(leaves(self.state), leaves(new)):
+                old.copy_(fresh)
+        return scores
+
+    def __call__(self, items):
+        self.items.copy_(items)
+        self.graph.replay()
+        return self.scores
+
+
 def rms_normalise(x, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -2344,6 +2386,14 @@ class EagerStep:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                            **(optimizer_options or fused))
 
+    def load_optimizer_state(self, state):
+        """An optimizer state saved by any step (eager or graphed), keeping this step's own kernel options
+        (fused, capturable), which load_state_dict would take from the saved groups."""
+        options = {k: v for k, v in self.optimizer.param_groups[0].items() if k in ("fused", "capturable")}
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group.update(options)
+
     def forward_backward(self, batch):
         with autocast(self.cfg, self.device):
             loss = next_item_loss(self.runner(batch), self.model.output_table(), self.cfg, self.item_log_q,
@@ -2472,7 +2522,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     history, best, best_state, stale, first, train_seconds, earlier = [], -1.0, None, 0, 0, 0.0, 0.0
     if resume is not None:  # continue an interrupted run after its last finished epoch
         model.load_state_dict(resume["model"])
-        step.optimizer.load_state_dict(resume["optimizer"])
+        step.load_optimizer_state(resume["optimizer"])
         history, best, best_state, stale = resume["history"], resume["best"], resume["best_state"], resume["stale"]
         first, train_seconds, earlier = resume["epoch"], resume["train_seconds"], resume["seconds"]
         generator.manual_seed(torch.initial_seed() + first)
@@ -3308,6 +3358,9 @@ def fake_batch(n_items, batch, length, device, generator=None):
     return Batch(seq[:, :-1], seq[:, 1:])
 
 
+STREAM_USERS = 4096  # users stepped at once for the streaming throughput (events / s) of recurrent models
+
+
 def measure_model(name, cfg, device):
     """One row of the efficiency table for one model at one sequence length (catalog of efficiency_items)."""
     set_seed(0)
@@ -3320,24 +3373,36 @@ def measure_model(name, cfg, device):
     with torch.no_grad(), autocast(cfg, device):
         infer_s = timed(lambda: model.score_next(Batch(batch.items)), device, repeats=3)
         step_ms = streaming_step_ms(model, batch.items[:1], device)
+        many = torch.randint(1, n_items + 1, (STREAM_USERS, 2), device=device)
+        events_per_s = STREAM_USERS * 1000 / streaming_step_ms(model, many, device) if model.recurrent else None
     return {"model": name, "max_len": cfg["max_len"], "batch": cfg["efficiency_batch"], "device": str(device),
             "scan_backend": model.scan_backend, "train_seqs_per_s": cfg["efficiency_batch"] / train_s,
             "train_step_ms": 1000 * train_s, "train_peak_mem_mb": peak_mb,
             "peak_kb_per_token": 1024 * peak_mb / (cfg["efficiency_batch"] * cfg["max_len"]),
-            "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms,
+            "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms, "stream_events_per_s": events_per_s,
             "stream_mode": "recurrent state" if model.recurrent else "recompute window"}
 
 
 def streaming_step_ms(model, history, device, steps=20):
-    """Median latency of scoring one new interaction for one user after `history`: a recurrent O(1) step
-    for models with a state, a forward over the whole window otherwise."""
+    """Median latency of scoring one new interaction for each of the len(history) users: a recurrent O(1) step
+    for models with a state (one replayed CUDA graph on CUDA, the eager step elsewhere), a forward over the
+    whole window otherwise. The state is prefilled with the last 64 items: a step costs the same after any
+    history."""
     if not model.recurrent:
         return 1000 * timed(lambda: model.score_next(Batch(history)), device, repeats=steps)
-    state, table = model.init_state(1), model.output_table()[1:]
-    for t in range(max(0, history.shape[1] - 64), history.shape[1]):  # a step costs the same after any history
-        _, state = model.step(state, history[:, t], table)
-    item = history[:, -1]
-    return 1000 * timed(lambda: model.step(state, item, table), device, repeats=steps)
+    if device.type == "cuda":
+        stream = GraphedStream(model, len(history))
+        step = lambda items: stream(items)  # noqa: E731
+    else:
+        state, table = model.init_state(len(history)), model.output_table()[1:]
+
+        def step(items):
+            nonlocal state
+            scores, state = model.step(state, items, table)
+            return scores
+    for t in range(max(0, history.shape[1] - 64), history.shape[1]):
+        step(history[:, t])
+    return 1000 * timed(lambda: step(history[:, -1]), device, repeats=steps)
 
 
 def measure_catalog(cfg, n_items, device):

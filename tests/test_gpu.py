@@ -72,7 +72,8 @@ def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients(
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
     """cut-cross-entropy through next_item_loss against F.cross_entropy, both under bf16 autocast (the kernel's
-    backward takes bf16), ignored rows included: loss to 1e-3 relative, gradients to 1e-2 relative / 1e-4."""
+    backward takes bf16), ignored rows included: loss to 1e-3 relative, gradients to 2% of their largest entry
+    (bf16 keeps 8 bits of mantissa; both paths round their matrix products to it)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(4, 30, 16, generator=g).cuda().requires_grad_()
     table = torch.randn(1001, 16, generator=g).cuda().requires_grad_()
@@ -87,7 +88,7 @@ def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
         grads.append(torch.autograd.grad(loss, [hidden, table]))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-5)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
 def step_losses(name, graphs, resume_after=0):
@@ -107,7 +108,7 @@ def step_losses(name, graphs, resume_after=0):
     step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
     assert isinstance(step, H.GraphedStep) == graphs
     if state is not None:
-        step.optimizer.load_state_dict(state)
+        step.load_optimizer_state(state)
     return torch.stack([step(batch) for batch in batches[resume_after:]]).cpu()
 
 
@@ -154,3 +155,19 @@ def test_graphed_training_resumes_with_its_optimizer_state():
     """A graphed step given a resumed optimizer state keeps it through capture (a fresh one starts at zero)."""
     torch.testing.assert_close(step_losses("HoloMamba", True, resume_after=3),
                                step_losses("HoloMamba", False, resume_after=3), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["HoloMamba", "GRU4Rec"])
+def test_graphed_stream_equals_the_eager_steps(name):
+    """GraphedStream folds items into its static state exactly as model.step does (fp32, to 1e-5)."""
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, amp=False)
+    torch.manual_seed(0)
+    model = H.build_model(name, H.catalog_only(60), cfg, "cuda").eval()
+    items = torch.randint(1, 61, (3, 7), device="cuda")
+    stream = H.GraphedStream(model, 3)
+    state, table = model.init_state(3), model.output_table()[1:]
+    with torch.no_grad():
+        for t in range(items.shape[1]):
+            expected, state = model.step(state, items[:, t], table)
+            torch.testing.assert_close(stream(items[:, t]).clone(), expected, rtol=1e-5, atol=1e-5)
