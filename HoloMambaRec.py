@@ -3406,8 +3406,8 @@ def streaming_step_ms(model, history, device, steps=20):
 
 
 def measure_catalog(cfg, n_items, device):
-    """Time and peak memory of one HoloMamba training step with a catalog of n_items (full softmax, chunked over
-    catalogs larger than ce_chunk, or sampled softmax)."""
+    """Time and peak memory of one HoloMamba training step with a catalog of n_items (full softmax through the
+    fused kernel, or chunked over catalogs larger than ce_chunk; or sampled softmax), and the loss path taken."""
     batch = cfg["efficiency_batch"]
     cfg = cfg.replace(batch_size=batch)
     generator = torch.Generator().manual_seed(0)
@@ -3415,8 +3415,17 @@ def measure_catalog(cfg, n_items, device):
     log_q = torch.full((n_items + 1,), -math.log(n_items), device=device)
     log_q[0] = -float("inf")
     step_s, peak_mb = measure_training(model, cfg, fake_batch(n_items, batch, cfg["max_len"], device, generator), log_q)
-    chunked = cfg["num_negatives"] == 0 and cfg["ce_chunk"] and n_items > cfg["ce_chunk"]
-    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "ce_chunk": cfg["ce_chunk"] if chunked else 0}
+    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": loss_path(cfg, n_items, device)}
+
+
+def loss_path(cfg, n_items, device):
+    """Which cross-entropy next_item_loss takes for a catalog of n_items under cfg (training, autocast on)."""
+    if cfg["num_negatives"]:
+        return "sampled"
+    with autocast(cfg, device):
+        if uses_cce(cfg, device):
+            return "cut-cross-entropy"
+    return f"chunked ({cfg['ce_chunk']})" if cfg["ce_chunk"] and n_items > cfg["ce_chunk"] else "torch"
 
 
 def measure_training(model, cfg, batch, item_log_q=None):
