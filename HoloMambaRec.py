@@ -76,7 +76,8 @@ __version__ = "0.2.0"
 # key -> default dict of the paper's script, is built from it; editing GLOBAL_CONFIG (in a notebook, say)
 # changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
 # stored in every checkpoint and every run record.
-STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures", "recommend")
+STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures", "recommend",
+               "paper")
 MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec", "HoloMamba-Shuffled")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
@@ -282,6 +283,7 @@ CONFIG_TABLE = {
     "figures_dir": Key("{results_dir}/figures", "output", None, "PNG figures, drawn from this run's result files"),
     "checkpoint_dir": Key("checkpoints/{dataset}/{preset}", "output", None, "best weights of each run, with their config, raw ids and data fingerprint"),
     "grid_csv": Key("{results_dir}/grid_search_results.csv", "output", None, "grid-search log: one row per finished trial, appended as it finishes (the paper's: ./grid_search_results.csv)"),
+    "paper_dir": Key("paper", "output", None, "paper stage: LaTeX tables (tables/*.tex, tables/numbers.tex) and figures (figures/*.pdf, *.png) drawn from results_dir and grid_csv only, for paper/main.tex"),
 }
 GLOBAL_CONFIG = {name: key.default for name, key in CONFIG_TABLE.items()}
 
@@ -3507,9 +3509,557 @@ def stats_stage(store, configs):
     return rows
 
 
+# ---- the paper stage: LaTeX tables and the numbers the text quotes, from the result files only ---------------
+# paper/main.tex \input's paper_dir/tables/*.tex and quotes numbers as \hm{key}, defined in tables/numbers.tex, so
+# the text never drifts from the CSVs. No data is read and nothing is trained; a missing result file skips its
+# table with a note.
+DATASET_TITLES = {"ml-1m": "MovieLens-1M", "amazon-beauty": "Amazon Beauty"}
+# What the run hashes of the committed results are (README: Results, Attributes); any other hash is shown as itself.
+PAPER_VARIANTS = {"b19c663d": "all genres, item form", "3f3a9798": "first category, item form",
+                  "460a813d": "both: roles + item form", "ea9a0b15": "roles + attribute loss"}
+# Published HR@10 / NDCG@10 under the same protocol (leave-one-out, full ranking, seen items excluded), as collected
+# in README: (dataset, method, HR@10, NDCG@10, BibTeX key in paper/references.bib; '' where README names no source).
+PUBLISHED = [("ml-1m", "SASRec", 0.3152, 0.1821, "klenitskiy2023turning"),
+             ("ml-1m", "Mamba4Rec", 0.3121, 0.1822, "liu2024mamba4rec"),
+             ("ml-1m", "LRURec", 0.3264, 0.1930, "yue2024lrurec"),
+             ("amazon-beauty", "eSASRec", 0.0928, 0.0523, "tikhonovich2025esasrec"),
+             ("amazon-beauty", "SASRec, sampled softmax", 0.0921, 0.0531, ""),
+             ("amazon-beauty", "S3Rec, improved loss", 0.1031, 0.0619, "li2023improving"),
+             ("amazon-beauty", "BSARec", 0.1008, 0.0611, "shin2024bsarec")]
+# The original paper's public script under its own protocol (preset `paper`, one seed), as README reports it.
+PAPER_SCRIPT = {"ml-1m": (0.1626, 0.0917), "amazon-beauty": (0.0444, 0.0273)}
+PAPER_METRICS = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"]
+SLICE_HEADERS = {"all users": "All users", "short-history users": "Short histories",
+                 "rare target items": "Rare targets"}
+PRESET_KEYS = ["max_len", "d_model", "n_layers", "d_state", "expand", "ffn", "dropout", "batch_size", "lr",
+               "epochs", "patience", "label_smoothing", "train_window", "attribute_mode", "binding", "attribute_loss"]
+
+
+class PaperTable(NamedTuple):
+    """One table of the paper: a caption, columns [(header, alignment)] and blocks [(title or '', rows)], each row
+    (cells, key): the key names the result the row holds (it is written beside the row as a comment). Optional:
+    groups [(title, number of columns)], a header row above the column headers; the font size; the column gap."""
+    caption: str
+    columns: list
+    blocks: list
+    groups: list = None
+    size: str = r"\small"
+    colsep: str = ""
+
+
+def tex_escape(text):
+    return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
+
+
+def tex_metric(mean, std=None, bold=False):
+    """0.2017, bold when asked, with the seeds' standard deviation as \\std{0.0027} (none for one seed)."""
+    text = rf"\textbf{{{mean:.4f}}}" if bold else f"{mean:.4f}"
+    return text if std is None or not np.isfinite(std) else rf"{text}\std{{{std:.4f}}}"
+
+
+def tex_count(value, digits=0):
+    return f"{value:,.{digits}f}".replace(",", "{,}")
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9.@]+", "-", str(text).lower().replace(">", "gt")).strip("-")
+
+
+def relative(value, reference):
+    return 100 * (value / reference - 1)
+
+
+def signed(value, digits=1):
+    """+2.6, -0.1, +0.0 (never -0.0): a difference as the text and the tables print it."""
+    text = f"{value:+.{digits}f}"
+    return "+" + text[1:] if float(text) == 0 else text
+
+
+def latex_table(name, table, source):
+    """The one writer of the paper's tables: booktabs, the caption above, the source file named in it, blocks
+    separated by rules (a block may open with a title row), every row followed by its key as a comment."""
+    width = len(table.columns)
+    lines = [f"% {name}.tex: written by `python HoloMambaRec.py --stage=paper` from {source}; do not edit",
+             r"\begin{table}[tbp]", r"\centering" + table.size
+             + (rf"\setlength{{\tabcolsep}}{{{table.colsep}}}" if table.colsep else ""),
+             rf"\caption{{{table.caption} Source: \texttt{{{tex_escape(source)}}}.}}\label{{tab:{name}}}",
+             r"\begin{tabular}{" + "".join(align for _, align in table.columns) + "}", r"\toprule"]
+    if table.groups:
+        spans, rules, first = [], [], 1
+        for title, span in table.groups:
+            spans.append(rf"\multicolumn{{{span}}}{{c}}{{{title}}}" if title else " & ".join([""] * span))
+            rules += [rf"\cmidrule(lr){{{first}-{first + span - 1}}}"] if title else []
+            first += span
+        lines += [" & ".join(spans) + r" \\", " ".join(rules)]
+    lines += [" & ".join(header for header, _ in table.columns) + r" \\", r"\midrule"]
+    for i, (title, rows) in enumerate(table.blocks):
+        if i:
+            lines.append(r"\midrule")
+        if title:
+            lines.append(rf"\multicolumn{{{width}}}{{@{{}}l}}{{\textit{{{title}}}}} \\")
+        lines += [" & ".join(cells) + rf" \\ % {key}" for cells, key in rows]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
+def numbers_tex(numbers):
+    """tables/numbers.tex: one \\hmdef{key}{value} per number the text may quote as \\hm{key}."""
+    head = ["% numbers.tex: written by `python HoloMambaRec.py --stage=paper` from the result files; do not edit",
+            r"\providecommand{\hmdef}[2]{\expandafter\def\csname hm@#1\endcsname{#2}}"]
+    return "\n".join(head + [rf"\hmdef{{{key}}}{{{value}}}" for key, value in sorted(numbers.items())] + [""])
+
+
+def dataset_title(dataset):
+    return DATASET_TITLES.get(dataset, tex_escape(dataset))
+
+
+def variant_name(config):
+    return PAPER_VARIANTS.get(str(config), f"run {config}")
+
+
+def seed_summary(table, keys, metrics):
+    """Mean, standard deviation and seed count of `metrics` per `keys` (in the file's order): runs of different
+    configs are never pooled."""
+    groups = table.astype({"config": str}).groupby(keys, sort=False)
+    stats = groups[metrics].agg(["mean", "std"])
+    stats[("seeds", "n")] = groups["seed"].nunique()
+    return stats
+
+
+def chosen_configs(table):
+    """{(dataset, model): run hash} of accuracy rows: per dataset and model, the config with the best mean
+    validation NDCG@10. The choice uses the validation split only; the test split is never consulted."""
+    valid = table[table["split"] == "valid"].astype({"config": str})
+    means = valid.groupby(["dataset", "model", "config"], sort=False)["ndcg@10"].mean()
+    return {key[:2]: key[2] for key in means.groupby(level=[0, 1], sort=False).idxmax()}
+
+
+def in_order(values, order):
+    """Distinct values, those of `order` first in its order, the rest as they come."""
+    values = list(dict.fromkeys(values))
+    return [v for v in order if v in values] + [v for v in values if v not in order]
+
+
+def accuracy_numbers(stats, chosen, numbers):
+    """acc/<dataset>/<model>@<config>/<split>/<metric> (and /std, /seeds) for every run group, and the same
+    without @<config> for the config chosen on validation."""
+    for (dataset, model, config, split), row in stats.iterrows():
+        names = [f"{model}@{config}"] + ([model] if chosen.get((dataset, model)) == config else [])
+        for name in names:
+            base = f"acc/{dataset}/{name}/{split}"
+            numbers[f"{base}/seeds"] = str(int(row[("seeds", "n")]))
+            for metric in PAPER_METRICS:
+                numbers[f"{base}/{metric}"] = f"{row[(metric, 'mean')]:.4f}"
+                numbers[f"{base}/{metric}/std"] = f"{row[(metric, 'std')]:.4f}"
+
+
+def table_main_results(table, numbers):
+    """Test accuracy of every model on every dataset (the config chosen on validation), mean ± std over seeds,
+    the best of ours per column in bold, and the published numbers under the same protocol."""
+    chosen = chosen_configs(table)
+    stats = seed_summary(table, ["dataset", "model", "config", "split"], PAPER_METRICS)
+    accuracy_numbers(stats, chosen, numbers)
+    blocks, several = [], False
+    for dataset in dict.fromkeys(table["dataset"]):
+        models = [m for m in in_order(table.loc[table["dataset"] == dataset, "model"], MODEL_NAMES)
+                  if m != "HoloMamba-Shuffled"]
+        rows = {m: stats.loc[(dataset, m, chosen[(dataset, m)], "test")] for m in models}
+        best = {c: max(f"{r[(c, 'mean')]:.4f}" for r in rows.values()) for c in PAPER_METRICS}
+        ours = []
+        for model, row in rows.items():
+            configs = table.loc[(table["dataset"] == dataset) & (table["model"] == model), "config"].nunique()
+            several |= configs > 1
+            label = tex_escape(model) + (r"$^\dagger$" if configs > 1 else "")
+            cells = [label] + [tex_metric(row[(c, "mean")], row[(c, "std")], f"{row[(c, 'mean')]:.4f}" == best[c])
+                               for c in PAPER_METRICS]
+            ours.append((cells, f"{dataset}/{model}@{chosen[(dataset, model)]}/test"))
+            for other in ("SASRec", "Mamba-ItemOnly"):
+                if other in rows and other != model:
+                    for c in ("hr@10", "ndcg@10"):
+                        numbers[f"acc/{dataset}/{model}/test/{c}/vs/{other}"] = \
+                            signed(relative(row[(c, 'mean')], rows[other][(c, 'mean')]))
+        counts = sorted({int(r[("seeds", "n")]) for r in rows.values()})
+        blocks.append((f"{dataset_title(dataset)}: this work, " + " or ".join(map(str, counts)) + " seeds", ours))
+        published = [(cells, f"{dataset}/published/{slug(name)}") for cells, name in published_rows(dataset, numbers)]
+        if published:
+            blocks.append((f"{dataset_title(dataset)}: published, same protocol (HR@10 and NDCG@10 only)", published))
+    caption = ("Test accuracy under leave-one-out, full ranking with seen items excluded: mean and standard deviation "
+               "over seeds. Bold: the best of our models per column.")
+    if several:
+        caption += (r" $^\dagger$Several variants were run; the one with the best mean validation NDCG@10 is shown "
+                    r"(all of them in Table~\ref{tab:ablation}).")
+    columns = [("Model", "l")] + [(c.upper(), "c") for c in PAPER_METRICS]
+    return PaperTable(caption, columns, blocks, size=r"\footnotesize", colsep="4pt")
+
+
+def published_rows(dataset, numbers):
+    rows = []
+    for where, name, hr, ndcg, key in PUBLISHED:
+        if where == dataset:
+            numbers[f"pub/{dataset}/{slug(name)}/hr@10"], numbers[f"pub/{dataset}/{slug(name)}/ndcg@10"] = \
+                f"{hr:.4f}", f"{ndcg:.4f}"
+            cite = rf"~\citep{{{key}}}" if key else ""
+            rows.append(([tex_escape(name) + cite, f"{hr:.4f}", "--", f"{ndcg:.4f}", "--", "--"], name))
+    return rows
+
+
+def table_ablation(table, numbers):
+    """Every HoloMamba variant and its shuffled-attribute control against the item-only ablation: validation and
+    test NDCG@10, test HR@10, and the test NDCG@10 difference in percent and in pooled seed standard deviations."""
+    stats, chosen = seed_summary(table, ["dataset", "model", "config", "split"], PAPER_METRICS), chosen_configs(table)
+    blocks = []
+    for dataset in dict.fromkeys(table["dataset"]):
+        part = stats.loc[dataset]
+        keys = [(m, c) for m in ("Mamba-ItemOnly", "HoloMamba", "HoloMamba-Shuffled")
+                for c in dict.fromkeys(k[1] for k in part.index if k[0] == m)]
+        if not any(m == "Mamba-ItemOnly" for m, _ in keys):
+            continue
+        reference = next(c for m, c in keys if m == "Mamba-ItemOnly")
+        rows = []
+        for model, config in keys:
+            cells = [tex_escape(model), variant_name(config) if model != "Mamba-ItemOnly" else "no attributes"]
+            for split, c in (("valid", "ndcg@10"), ("test", "hr@10"), ("test", "ndcg@10")):
+                cells.append(tex_metric(*part.loc[(model, config, split)][[(c, "mean"), (c, "std")]]))
+            if model == "Mamba-ItemOnly":
+                cells += ["--", "--"]
+            else:
+                for split in ("valid", "test"):
+                    for c in ("hr@10", "ndcg@10"):
+                        base = f"abl/{dataset}/{model}@{config}/{split}/{c}"
+                        row, ref = part.loc[(model, config, split)], part.loc[("Mamba-ItemOnly", reference, split)]
+                        numbers[f"{base}/vs/Mamba-ItemOnly"] = signed(relative(row[(c, 'mean')], ref[(c, 'mean')]))
+                        numbers[f"{base}/vs/Mamba-ItemOnly/z"] = signed(pooled_z(row, ref, c))
+                        if model == "HoloMamba" and ("HoloMamba-Shuffled", config, split) in part.index:
+                            control = part.loc[("HoloMamba-Shuffled", config, split)]
+                            numbers[f"{base}/vs/control"] = signed(relative(row[(c, 'mean')], control[(c, 'mean')]))
+                            numbers[f"{base}/vs/control/z"] = signed(pooled_z(row, control, c))
+                cells += ["$" + numbers[f"abl/{dataset}/{model}@{config}/test/ndcg@10/vs/Mamba-ItemOnly"] + r"$\%",
+                          "$" + numbers[f"abl/{dataset}/{model}@{config}/test/ndcg@10/vs/Mamba-ItemOnly/z"] + "$"]
+            rows.append((cells, f"{dataset}/{model}@{config}"))
+        if (dataset, "HoloMamba") in chosen:  # the variant chosen on validation, also without its hash
+            prefix = f"abl/{dataset}/HoloMamba@{chosen[(dataset, 'HoloMamba')]}/"
+            numbers.update({f"abl/{dataset}/HoloMamba/" + k[len(prefix):]: v for k, v in list(numbers.items())
+                            if k.startswith(prefix)})
+        blocks.append((dataset_title(dataset), rows))
+    caption = ("Binding against the item-only ablation and the shuffled-attribute control (HoloMamba whose items read "
+               "another item's attributes): mean and standard deviation over seeds. $\\Delta$: test NDCG@10 relative "
+               "to Mamba-ItemOnly; $z$: the same difference in pooled seed standard deviations.")
+    columns = [("Model", "l"), ("Variant", r">{\raggedright\arraybackslash}p{3.6cm}"), ("NDCG@10", "c"),
+               ("HR@10", "c"), ("NDCG@10", "c"), (r"$\Delta$", "r"), ("$z$", "r")]
+    groups = [("", 2), ("Validation", 1), ("Test", 2), ("", 2)]
+    return PaperTable(caption, columns, blocks, groups=groups, size=r"\footnotesize", colsep="4pt")
+
+
+def pooled_z(row, reference, metric):
+    pooled = math.sqrt((row[(metric, "std")] ** 2 + reference[(metric, "std")] ** 2) / 2)
+    return (row[(metric, "mean")] - reference[(metric, "mean")]) / pooled if pooled else float("nan")
+
+
+def users_title(dataset, users):
+    return f"{dataset_title(dataset)}; users per slice: " + " / ".join(tex_count(n) for n in users.values())
+
+
+def table_slices(table, numbers):
+    """Test NDCG@10 on all users and on the cold slices (short histories, rarely seen targets), mean ± std over
+    seeds where the file has several (slices.csv; cold_start.csv holds one run per model)."""
+    table = table.assign(**{c: v for c, v in (("config", ""), ("seed", 0)) if c not in table})
+    stats = seed_summary(table, ["dataset", "model", "config", "slice"], ["ndcg@10", "hr@10", "users"])
+    slices = list(dict.fromkeys(table["slice"]))
+    blocks = []
+    for dataset in dict.fromkeys(table["dataset"]):
+        part = stats.loc[dataset]
+        users = {s: int(part.xs(s, level="slice")[("users", "mean")].iloc[0]) for s in slices
+                 if s in part.index.get_level_values("slice")}
+        rows = []
+        for model, config in dict.fromkeys((m, c) for m, c, _ in part.index):
+            cells = [tex_escape(model), variant_name(config) if config else "--",
+                     str(int(part.loc[(model, config, slices[0])][("seeds", "n")]))]
+            for s in slices:
+                row = part.loc[(model, config, s)] if (model, config, s) in part.index else None
+                cells.append("--" if row is None else tex_metric(row[("ndcg@10", "mean")], row[("ndcg@10", "std")]))
+                if row is not None:
+                    name = f"{model}@{config}" if config else model
+                    numbers[f"slice/{dataset}/{name}/{slug(s)}/ndcg@10"] = f"{row[('ndcg@10', 'mean')]:.4f}"
+            rows.append((cells, f"{dataset}/{model}@{config}" if config else f"{dataset}/{model}"))
+        for s, n in users.items():
+            numbers[f"slice/{dataset}/{slug(s)}/users"] = tex_count(n)
+        blocks.append((users_title(dataset, users), rows))
+    caption = ("Test NDCG@10 on all users and on the cold slices: the users with the shortest training histories "
+               "(20\\%) and the users whose test target was seen at most 10 times in training.")
+    columns = [("Model", "l"), ("Variant", "l"), ("Seeds", "c")] + \
+        [(SLICE_HEADERS.get(s, tex_escape(s)), "c") for s in slices]
+    return PaperTable(caption, columns, blocks, size=r"\footnotesize")
+
+
+def table_paper_protocol(table, numbers):
+    """The original paper's protocol (preset `paper`: 10 epochs, every item ranked, one seed): our models and
+    the paper's public script."""
+    table = table[(table["preset"] == "paper") & (table["split"] == "test")]
+    blocks = []
+    for dataset in dict.fromkeys(table["dataset"]):
+        rows = []
+        part = table[table["dataset"] == dataset]
+        for model in in_order(part["model"], MODEL_NAMES):
+            row = part[part["model"] == model].iloc[-1]
+            for c in PAPER_METRICS:
+                numbers[f"paperprotocol/{dataset}/{model}/{c}"] = f"{row[c]:.4f}"
+            rows.append(([tex_escape(model)] + [f"{row[c]:.4f}" for c in PAPER_METRICS], f"{dataset}/{model}"))
+        if dataset in PAPER_SCRIPT:
+            hr, ndcg = PAPER_SCRIPT[dataset]
+            numbers[f"paperprotocol/{dataset}/script/hr@10"], numbers[f"paperprotocol/{dataset}/script/ndcg@10"] = \
+                f"{hr:.4f}", f"{ndcg:.4f}"
+            rows.append((["original public script", f"{hr:.4f}", "--", f"{ndcg:.4f}", "--", "--"], f"{dataset}/script"))
+        blocks.append((dataset_title(dataset), rows))
+    caption = ("The original paper's protocol (preset \\texttt{paper}: 10 epochs, $L=50$, $d=96$, every item ranked, "
+               "seen items included, one seed), test split. The public script's numbers are as the project's README "
+               "reports them.")
+    return PaperTable(caption, [("Model", "l")] + [(c.upper(), "c") for c in PAPER_METRICS], blocks)
+
+
+def devices_of(table):
+    return ", ".join(tex_escape(d) for d in dict.fromkeys(table["device"].astype(str)))
+
+
+def table_efficiency(table, numbers, name="efficiency"):
+    """Training throughput, peak training memory, batch inference and one streaming step per model and length."""
+    device = devices_of(table)
+    numbers[f"{name}/device"] = device
+    skipped = table.get("skipped", pd.Series(index=table.index)).map(lambda v: isinstance(v, str) and bool(v))
+    blocks = []
+    for (length, batch), part in table.groupby(["max_len", "batch"], sort=False):
+        rows = []
+        for i, row in part.iterrows():
+            key = f"{name}/{row['model']}/L{length}"
+            if skipped[i]:
+                rows.append(([tex_escape(row["model"]), r"\multicolumn{4}{l}{skipped: out of memory}"], key))
+                continue
+            values = {"seqs_per_s": tex_count(row["train_seqs_per_s"]),
+                      "peak_mib": tex_count(row["train_peak_mem_mb"]),
+                      "infer_ms": f"{row['batch_infer_ms']:.2f}", "stream_ms": f"{row['stream_step_ms']:.2f}"}
+            numbers.update({f"{key}/{k}": v for k, v in values.items()})
+            mode = "state" if row["stream_mode"] == "recurrent state" else "window"
+            rows.append(([tex_escape(row["model"]), values["seqs_per_s"], values["peak_mib"], values["infer_ms"],
+                          f"{values['stream_ms']} ({mode})"], key))
+        blocks.append((f"$L={length}$, batch {batch}", rows))
+    backends = ", ".join(dict.fromkeys(table.loc[table["model"] == "HoloMamba", "scan_backend"].astype(str)))
+    caption = (f"Efficiency on device \\texttt{{{device}}} (as recorded in the file; HoloMamba's scan backend: "
+               f"\\texttt{{{tex_escape(backends)}}}). Training: sequences per second and peak memory of one step; "
+               "inference: scoring a batch; streaming: one new interaction for one user, by a recurrent state step "
+               "(state) or by re-reading the window (window). Random sequences over the stage's default catalog "
+               "(ML-1M's size).")
+    columns = [("Model", "l"), ("Train seq/s", "r"), ("Peak MiB", "r"), ("Batch ms", "r"), ("Stream ms", "l")]
+    return PaperTable(caption, columns, blocks)
+
+
+def table_efficiency_cpu(table, numbers):
+    return table_efficiency(table, numbers, "efficiency_cpu")
+
+
+def table_catalog(table, numbers):
+    """One training step of HoloMamba with full or sampled softmax over growing catalogs."""
+    device = devices_of(table)
+    numbers["catalog/device"] = device
+    rows = []
+    for _, row in table.iterrows():
+        key = f"catalog/{row['n_items']}/{slug(row['softmax'])}"
+        numbers[f"{key}/step_ms"] = f"{row['step_ms']:.1f}"
+        numbers[f"{key}/peak_gib"] = f"{row['peak_mem_mb'] / 1024:.1f}"
+        rows.append(([tex_count(row["n_items"]), tex_escape(row["softmax"]), numbers[f"{key}/step_ms"],
+                      numbers[f"{key}/peak_gib"]], key))
+    caption = (f"One HoloMamba training step (batch 64, $L=50$) with the full softmax or a sampled softmax (logQ "
+               f"correction) over catalogs of growing size, device \\texttt{{{device}}}.")
+    return PaperTable(caption, [("Items", "r"), ("Softmax", "l"), ("Step ms", "r"), ("Peak GiB", "r")], [("", rows)])
+
+
+def table_compression(table, numbers):
+    """Temporal bundling: k items per token, applied at inference to a model trained without it (untrained) or
+    used in training (trained): accuracy, the share of NDCG@10 kept, latency and memory of ranking every user."""
+    blocks = []
+    for dataset, part in table.groupby("dataset", sort=False):
+        plain = part[part["k"] == 1].iloc[0]
+        rows = []
+        for k, group in part.groupby("k", sort=True):
+            by = {row["bundling"]: row for _, row in group.iterrows()}
+            modes = [m for m in ("none", "untrained", "trained") if m in by]
+            for mode in modes:
+                base = f"comp/{dataset}/k{k}/{mode}"
+                row = by[mode]
+                numbers[f"{base}/ndcg@10"], numbers[f"{base}/hr@10"] = f"{row['ndcg@10']:.4f}", f"{row['hr@10']:.4f}"
+                numbers[f"{base}/kept"] = f"{100 * row['ndcg@10'] / plain['ndcg@10']:.0f}"
+                numbers[f"{base}/latency_ms"] = f"{row['latency_ms']:.1f}"
+                numbers[f"{base}/latency_cut"] = f"{-relative(row['latency_ms'], plain['latency_ms']):.0f}"
+                numbers[f"{base}/mem_mib"] = tex_count(row["ranking_mem_mb"])
+            pair = lambda f: " / ".join(f(by[m]) for m in modes)  # noqa: E731
+            rows.append(([str(k), str(int(group["tokens_per_user"].iloc[0])), pair(lambda r: f"{r['hr@10']:.4f}"),
+                          pair(lambda r: f"{r['ndcg@10']:.4f}"),
+                          pair(lambda r: f"{100 * r['ndcg@10'] / plain['ndcg@10']:.0f}"),
+                          pair(lambda r: f"{r['latency_ms']:.1f}"), pair(lambda r: tex_count(r["ranking_mem_mb"]))],
+                         f"{dataset}/k{k}"))
+        numbers[f"comp/{dataset}/history_len"] = str(int(plain["history_len"]))
+        blocks.append((f"{dataset_title(dataset)}, the last {int(plain['history_len'])} items of each user, "
+                       f"{tex_escape(plain['model'])}", rows))
+    caption = ("Temporal bundling of $k$ items into one token, test split: untrained / trained (bundling applied at "
+               "inference to the model trained without it / used in training). Kept: NDCG@10 in percent of $k=1$. "
+               f"Latency and working memory of ranking every user on device \\texttt{{{devices_of(table)}}}.")
+    columns = [("$k$", "r"), ("Tokens", "r"), ("HR@10", "c"), ("NDCG@10", "c"), (r"Kept \%", "c"), ("ms", "c"),
+               ("MiB", "c")]
+    return PaperTable(caption, columns, blocks)
+
+
+def table_memory(table, numbers):
+    """The window alone, the window plus the holographic memory over older items, and one long window."""
+    blocks = []
+    for dataset, part in table.groupby("dataset", sort=False):
+        slices = list(dict.fromkeys(part["slice"]))
+        rows = []
+        for variant, group in part.groupby("variant", sort=False):
+            by = {row["slice"]: row for _, row in group.iterrows()}
+            first = group.iloc[0]
+            base = f"mem/{dataset}/{slug(variant)}"
+            numbers[f"{base}/state_bytes"] = tex_count(first["recurrent_state_bytes"])
+            numbers[f"{base}/items_read"] = str(int(first["items_read"]))
+            cells = [tex_escape(variant), str(int(first["items_read"])), str(int(first["encoder_window"])),
+                     tex_count(first["recurrent_state_bytes"])]
+            for s in slices:
+                numbers[f"{base}/{slug(s)}/ndcg@10"], numbers[f"{base}/{slug(s)}/hr@10"] = \
+                    f"{by[s]['ndcg@10']:.4f}", f"{by[s]['hr@10']:.4f}"
+                cells += [f"{by[s]['ndcg@10']:.4f}", f"{by[s]['hr@10']:.4f}"]
+            rows.append((cells, f"{dataset}/{variant}"))
+        users = {s: int(part.loc[part["slice"] == s, "users"].iloc[0]) for s in slices}
+        numbers.update({f"mem/{dataset}/{slug(s)}/users": tex_count(n) for s, n in users.items()})
+        if {"window", "window + memory"} <= set(part["variant"]):
+            for s in slices:
+                w, m = (float(numbers[f"mem/{dataset}/{v}/{slug(s)}/ndcg@10"]) for v in ("window", "window-memory"))
+                numbers[f"mem/{dataset}/memory-minus-window/{slug(s)}/ndcg@10"] = signed(m - w, 4)
+        blocks.append((users_title(dataset, users), rows))
+    slices = list(dict.fromkeys(table["slice"]))
+    columns = [("Variant", "l"), ("Items read", "r"), ("Window", "r"), ("State (B)", "r")]
+    columns += [(h, "c") for _ in slices for h in ("NDCG@10", "HR@10")]
+    groups = [("", 4)] + [(tex_escape(SLICE_HEADERS.get(s, s if not s.startswith(">") else f"users with {s}")), 2)
+                          for s in slices]
+    caption = ("Long-term holographic memory, test split, one seed: the encoder window alone, the same window plus "
+               "the memory over older items, and one window over all of them. State: bytes of recurrent state per "
+               "user.")
+    return PaperTable(caption, columns, blocks, groups=groups, size=r"\footnotesize", colsep="4pt")
+
+
+def table_presets(_, numbers):
+    """The `best` preset of this version of the script, per dataset (the keys a reader needs to rerun it)."""
+    datasets = [d for d, v in PRESETS["best"].items() if isinstance(v, dict)]
+    cfgs = {d: resolve_config({"preset": "best"}, d) for d in datasets}
+    rows = [([tex_escape(k)] + [tex_escape(str(cfgs[d][k]).lower() if isinstance(cfgs[d][k], bool) else cfgs[d][k])
+                                for d in datasets], k) for k in PRESET_KEYS]
+    caption = ("Hyper-parameters of the \\texttt{best} preset, chosen on validation NDCG@10 in the grid trials. "
+               "HoloMamba reads the attribute keys; the other models ignore them.")
+    return PaperTable(caption, [("Key", "l")] + [(dataset_title(d), "l") for d in datasets], [("", rows)])
+
+
+def grid_numbers(table, numbers):
+    """grid/<trial>/valid_ndcg@10 (and valid_hr@10, test_ndcg@10) of every finished trial, grid/<dataset>/trials;
+    no table."""
+    for _, row in table.iterrows():
+        if pd.notna(row.get("valid_ndcg@10")):
+            for c in ("valid_ndcg@10", "valid_hr@10", "test_ndcg@10"):
+                numbers[f"grid/{row['trial']}/{c}"] = f"{row[c]:.4f}"
+    for dataset, part in table.groupby("dataset", sort=False):
+        numbers[f"grid/{dataset}/trials"] = str(len(part))
+
+
+def run_numbers(table, numbers):
+    """runs/<preset>/total and /time_limit: how many runs of each preset ended at the time limit rather than by
+    patience (or by their epoch budget), and which (runs/<preset>/time_limit_list); no table."""
+    table = table[table["split"] == "test"]
+    for preset, part in table.groupby("preset", sort=False):
+        cut = part[part["stopped_by"] == "time_limit"]
+        numbers[f"runs/{preset}/total"], numbers[f"runs/{preset}/time_limit"] = str(len(part)), str(len(cut))
+        numbers[f"runs/{preset}/time_limit_list"] = "; ".join(
+            f"{run_label(r['model'], r['config'])}, {dataset_title(r['dataset'])}, seed {r['seed']}"
+            for _, r in cut.iterrows()) or "none"
+
+
+def run_label(model, config):
+    """HoloMamba (roles + attribute loss): the variant named for the models that have several, else the model."""
+    known = model.startswith("HoloMamba") and str(config) in PAPER_VARIANTS
+    return tex_escape(model) + (f" ({variant_name(config)})" if known else "")
+
+
+def time_to_quality_numbers(summary, numbers):
+    """ttq/...: the ML-1M epoch time, ranking time and time to the validation threshold (efficiency_ml1m.json)."""
+    key = next((k for k in summary if k.startswith("seconds_to_valid_ndcg10_")), "")
+    reached = summary.get(key)
+    numbers.update({"ttq/device": tex_escape(summary["device"]), "ttq/epochs": str(summary["epochs"]),
+                    "ttq/epoch_s": f"{summary['ml1m_epoch_seconds']:.2f}",
+                    "ttq/eval_ms": f"{1000 * summary['ml1m_eval_all_users_seconds']:.0f}",
+                    "ttq/threshold": key.rsplit("_", 1)[-1],
+                    "ttq/seconds": "--" if reached is None else f"{reached:.1f}"})
+
+
+def in_results(name):
+    return lambda cfg: Path(cfg["results_dir"]) / name
+
+
+PAPER_TABLES = [  # (table name, its result file given the config, or None, writer(data, numbers) -> PaperTable or
+    # None for a source that only gives numbers)
+    ("main_results", in_results("accuracy.csv"), table_main_results),
+    ("ablation", in_results("accuracy.csv"), table_ablation),
+    ("slices", in_results("slices.csv"), table_slices),
+    ("cold_start", in_results("cold_start.csv"), table_slices),
+    ("paper_protocol", in_results("benchmark.csv"), table_paper_protocol),
+    ("runs", in_results("benchmark.csv"), run_numbers),
+    ("efficiency", in_results("efficiency.csv"), table_efficiency),
+    ("efficiency_cpu", in_results("cpu/efficiency.csv"), table_efficiency_cpu),
+    ("catalog", in_results("efficiency_catalog.csv"), table_catalog),
+    ("compression", in_results("compression.csv"), table_compression),
+    ("memory", in_results("memory.csv"), table_memory),
+    ("presets", None, table_presets),
+    ("time_to_quality", in_results("efficiency_ml1m.json"), time_to_quality_numbers),
+    ("grid", lambda cfg: Path(cfg["grid_csv"]), grid_numbers),
+]
+
+
+def read_result_file(path):
+    """A CSV as a DataFrame (read_results) or a JSON object; an unreadable file is a DataError naming it."""
+    if path.suffix != ".json":
+        return read_results(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); move it away and rerun the stage that writes it") from None
+
+
+def paper_stage(store, configs):
+    """The paper's tables, numbers and figures, from the result files only (no data is read, nothing trained):
+    paper_dir/tables/<name>.tex for every table whose result file exists (a missing one is skipped with a note),
+    paper_dir/tables/numbers.tex (\\hmdef{key}{value}: every number the text quotes as \\hm{key}), and
+    paper_dir/figures/*.pdf and *.png (§10). paper/main.tex inputs them: `make -C paper` builds the PDF."""
+    cfg = store.cfg
+    results, out = Path(cfg["results_dir"]), Path(cfg["paper_dir"])
+    if not results.is_dir():
+        raise DataError(f"--results_dir={results}: no such folder; the paper stage reads the result files there "
+                        "(the committed ones: --results_dir=results/paper)")
+    numbers, rows = {}, []
+    for name, source, writer in PAPER_TABLES:
+        path = source(cfg) if source else None
+        if path is not None and not path.is_file():
+            print(f"paper: skipped tables/{name}.tex: {path} is missing")
+            rows.append({"table": name, "source": str(path), "written": ""})
+            continue
+        table = writer(read_result_file(path) if path else None, numbers)
+        label = (path.relative_to(results).as_posix() if path.is_relative_to(results) else path.name) if path else \
+            "PRESETS['best'] in HoloMambaRec.py"
+        if table is not None:
+            write_text(out / "tables" / f"{name}.tex", latex_table(name, table, label))
+        rows.append({"table": name, "source": str(path or ""), "written": str(out / "tables" / f"{name}.tex")
+                     if table is not None else ""})
+    write_text(out / "tables" / "numbers.tex", numbers_tex(numbers))
+    figures = plot_paper_figures(cfg, out / "figures")
+    print(f"paper: {sum(bool(r['written']) for r in rows)} tables, {len(numbers)} numbers and {len(figures)} figures "
+          f"in {out}; build the PDF with: make -C {out}")
+    return rows
+
+
 STAGES = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
           "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
-          "stats": stats_stage, "figures": figures_stage, "recommend": recommend_stage}
+          "stats": stats_stage, "figures": figures_stage, "recommend": recommend_stage, "paper": paper_stage}
 assert tuple(STAGES) == STAGE_NAMES
 
 
@@ -3641,6 +4191,194 @@ def plot_figures(cfg):
     return written
 
 
+# ---- figures of the paper: vector PDF and PNG in paper_dir/figures (the paper stage draws them) -----------------
+PAPER_RC = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+            "ytick.labelsize": 7, "pdf.fonttype": 42, "axes.spines.top": False, "axes.spines.right": False}
+
+
+def plain_title(dataset):
+    return DATASET_TITLES.get(dataset, dataset)
+
+
+def chart_box(ax, x, y, w, h, text, colour, size=7.5):
+    from matplotlib.patches import FancyBboxPatch
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.4,rounding_size=1.2", fc=colour, ec="0.25", lw=0.8))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, linespacing=1.35)
+
+
+def chart_arrow(ax, start, end, text="", style="-|>", offset=(0, 1.6)):
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": style, "lw": 0.9, "color": "0.2",
+                                                      "shrinkA": 0, "shrinkB": 0})
+    if text:
+        ax.text((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1], text, ha="center",
+                fontsize=6.5, color="0.25")
+
+
+def draw_architecture(_, cfg, plt):
+    """HoloMamba: item and attribute embeddings bound by circular convolution, Mamba blocks, tied output scoring
+    (drawn from the model's definition, no result file)."""
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    ax.set(xlim=(0, 100), ylim=(0, 46))
+    ax.axis("off")
+    blue, orange, green, grey = "#dbe8f6", "#fde3c8", "#dcefd9", "#eeeeee"
+    chart_box(ax, 0.5, 31, 14, 7, "item $i$\nembedding $x_i$", blue, 7)
+    chart_box(ax, 0.5, 17.5, 14, 8, "attributes of $i$:\nthe mean per\nfield $f$, $\\bar a_{i,f}$", orange, 7)
+    chart_box(ax, 0.5, 4, 14, 8, "one role $r_f$\nper field (fixed,\nunit modulus)", grey, 7)
+    chart_box(ax, 20, 11, 21, 27, "bind by FFT:\n"
+              "$r \\circledast a = \\mathcal{F}^{-1}(\\mathcal{F}r \\odot \\mathcal{F}a)$\n\n"
+              "item vector:\n$e_i = x_i + \\Sigma_f\\, g_f\\, r_f \\circledast \\bar a_{i,f}$\n\n"
+              "(paper form:\n$e_i = x_i + \\alpha\\, x_i \\circledast \\bar a_i$)", orange, 6.8)
+    chart_arrow(ax, (15.5, 34.5), (19.2, 31))
+    chart_arrow(ax, (15.5, 21.5), (19.2, 24))
+    chart_arrow(ax, (15.5, 8), (19.2, 16))
+    chart_box(ax, 47.5, 4, 24, 37, "Mamba block $\\times N$\n\nLayerNorm, in-proj: $x, z$\n"
+              "causal conv, SiLU\n$\\Delta_t, B_t, C_t$ from $x_t$\n\nselective scan:\n"
+              "$h_t = e^{\\Delta_t A} h_{t-1} + \\Delta_t B_t x_t$\n$y_t = C_t h_t + D x_t$\n\n"
+              "$y_t \\odot \\mathrm{SiLU}(z_t)$, out-proj\n+ residual\nLayerNorm, FFN\n+ residual", blue, 6.8)
+    chart_arrow(ax, (41.8, 26), (46.7, 26))
+    ax.text(44.2, 21.5, "Layer-\nNorm,\ndrop-\nout", ha="center", va="top", fontsize=6, color="0.25")
+    chart_box(ax, 78, 26, 21, 13, "scores $s_{t,j} = h_t^{\\top} e_j$\nfor every item $j$;\n"
+              "full-softmax cross-\nentropy on $i_{t+1}$,\nat every position", green, 6.8)
+    chart_box(ax, 78, 4, 21, 14, "attribute loss ($\\lambda$):\n$h_t \\circledast r_f^{*}$ scored\n"
+              "against every attribute\nof field $f$; cross-\nentropy on $a_{i_{t+1},f}$", green, 6.8)
+    chart_arrow(ax, (72.3, 32.5), (77.2, 32.5), "$h_t$", offset=(0, 1.2))
+    chart_arrow(ax, (72.3, 14), (77.2, 11), "$h_t$", offset=(0, 1.6))
+    ax.plot([30.5, 30.5, 88, 88], [38.6, 44, 44, 41.5], color="0.35", lw=0.9, ls="--")
+    chart_arrow(ax, (88, 41.6), (88, 39.6))
+    ax.text(59, 44.8, "tied output table: the same (unnormalised) $e_j$ scores every item $j$", ha="center",
+            fontsize=6.5, color="0.25")
+    yield fig, "architecture"
+
+
+def run_choices(history):
+    """The configs chosen on validation, from learning curves: the best validation NDCG@10 of each run (its best
+    epoch), averaged over seeds (chosen_configs)."""
+    best = history.groupby(["dataset", "model", "config", "seed"], sort=False)["valid_ndcg@10"].max()
+    return chosen_configs(best.rename("ndcg@10").reset_index().assign(split="valid"))
+
+
+def draw_paper_accuracy(table, cfg, plt):
+    """Test NDCG@10, mean and standard deviation over seeds, of each model's config chosen on validation."""
+    chosen, test = chosen_configs(table), table[table["split"] == "test"]
+    datasets = list(dict.fromkeys(test["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.0, 2.2), squeeze=False, layout="constrained")
+    for ax, dataset in zip(axes[0], datasets):
+        part = test[test["dataset"] == dataset]
+        models = [m for m in in_order(part["model"], MODEL_NAMES) if m != "HoloMamba-Shuffled"]
+        values = [part[(part["model"] == m) & (part["config"] == chosen[(dataset, m)])]["ndcg@10"] for m in models]
+        ax.errorbar([v.mean() for v in values], range(len(models)), xerr=[v.std() for v in values], fmt="o", ms=3.5,
+                    capsize=2.5, color="C0", ecolor="0.3", lw=0.9)
+        ax.set_yticks(range(len(models)), models)
+        ax.set_ylim(len(models) - 0.5, -0.5)
+        ax.set(xlabel="test NDCG@10 (mean ± std over seeds)", title=plain_title(dataset))
+        ax.grid(axis="x", lw=0.4, alpha=0.5)
+    yield fig, "accuracy"
+
+
+def draw_paper_learning_curves(table, cfg, plt):
+    """Validation NDCG@10 per epoch of each model's chosen config, one line per seed."""
+    table = table[table["preset"] == "best"] if "best" in set(table["preset"]) else table
+    chosen = run_choices(table)
+    datasets = list(dict.fromkeys(table["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.0, 2.5), squeeze=False, layout="constrained")
+    for ax, dataset in zip(axes[0], datasets):
+        part = table[table["dataset"] == dataset]
+        models = [m for m in in_order(part["model"], MODEL_NAMES) if m != "HoloMamba-Shuffled"]
+        for colour, model in enumerate(models):
+            runs = part[(part["model"] == model) & (part["config"] == chosen[(dataset, model)])]
+            for i, (_, curve) in enumerate(runs.groupby("seed")):
+                ax.plot(curve["epoch"], curve["valid_ndcg@10"], color=f"C{colour}", lw=0.8, alpha=0.85,
+                        label=model if i == 0 else None)
+        ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=plain_title(dataset))
+        ax.set_ylim(bottom=0)
+        ax.legend(frameon=False)
+    yield fig, "learning_curves"
+
+
+def draw_paper_compression(table, cfg, plt):
+    """NDCG@10 and latency of ranking every user against the bundling window k (device in the title)."""
+    for dataset, part in table.groupby("dataset", sort=False):
+        fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.3), layout="constrained")
+        plain = part[part["bundling"] == "none"]
+        for colour, mode in enumerate(("untrained", "trained")):
+            rows = pd.concat([plain, part[part["bundling"] == mode]]).sort_values("k")
+            for ax, column in zip(axes, ("ndcg@10", "latency_ms")):
+                ax.plot(rows["k"], rows[column], "o-", color=f"C{colour}", ms=3.5, lw=1, label=f"{mode} bundling")
+        for ax, label in zip(axes, ("test NDCG@10", "ranking all users (ms)")):
+            ax.set(xlabel="bundling window k (items per token)", ylabel=label)
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+            ax.set_xticks(sorted(part["k"].unique()), [str(k) for k in sorted(part["k"].unique())])
+            ax.set_ylim(bottom=0)
+        axes[0].legend(frameon=False)
+        device = ", ".join(dict.fromkeys(part["device"].astype(str)))
+        fig.suptitle(f"{plain_title(dataset)}, last {int(plain['history_len'].iloc[0])} items per user; "
+                     f"timings on device: {device}", fontsize=8.5)
+        yield fig, f"compression_{safe_name(dataset)}" if table["dataset"].nunique() > 1 else "compression"
+
+
+def draw_paper_efficiency(table, cfg, plt):
+    """Training throughput, peak training memory and one streaming step against the sequence length."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    if "skipped" in table:
+        table = table[table["skipped"].isna() | (table["skipped"].astype(str) == "")]
+    fig, axes = plt.subplots(1, 3, figsize=(7.0, 2.4), layout="constrained")
+    for colour, (model, part) in enumerate(table.groupby("model", sort=False)):
+        for ax, column in zip(axes, ("train_seqs_per_s", "train_peak_mem_mb", "stream_step_ms")):
+            ax.plot(part["max_len"], part[column], "o-", color=f"C{colour}", ms=3, lw=1, label=model)
+    for ax, label in zip(axes, ("training sequences / s", "peak training memory (MiB)", "one streaming step (ms)")):
+        ax.set(xlabel="sequence length L", ylabel=label, xscale="log", yscale="log")
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers (2000, 5000, 10000), not powers of ten
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"Timings on device: {', '.join(dict.fromkeys(table['device'].astype(str)))}", fontsize=8.5)
+    yield fig, "efficiency"
+
+
+PAPER_FIGURES = [  # (result file given the config, or None: drawn from the model's definition; drawing function)
+    (None, draw_architecture),
+    (lambda cfg: Path(cfg["results_dir"]) / "accuracy.csv", draw_paper_accuracy),
+    (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_paper_learning_curves),
+    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_paper_compression),
+    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_paper_efficiency),
+]
+
+
+def save_paper_figure(fig, stem):
+    """A figure as vector PDF (no creation date, so a redraw of the same results is the same file) and as PNG,
+    cropped to its drawn extent (measured once, for both)."""
+    fig.draw_without_rendering()  # the layout engine places the axes first
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.03)
+    paths = []
+    for fmt, extra in (("pdf", {"metadata": {"CreationDate": None}}), ("png", {"dpi": 200})):
+        with atomic_path(stem.with_suffix(f".{fmt}")) as tmp:
+            fig.savefig(tmp, format=fmt, bbox_inches=box, **extra)
+        paths.append(stem.with_suffix(f".{fmt}"))
+    return paths
+
+
+def plot_paper_figures(cfg, folder):
+    """Draw PAPER_FIGURES whose result file exists into `folder` (PDF and PNG); returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    with plt.rc_context(PAPER_RC):
+        for source, draw in PAPER_FIGURES:
+            path = source(cfg) if source else None
+            if path is not None and not path.is_file():
+                print(f"paper: skipped the figure of {draw.__name__}: {path} is missing")
+                continue
+            for fig, name in draw(read_results(path) if path else None, cfg, plt):
+                written += save_paper_figure(fig, Path(folder) / name)
+                plt.close(fig)
+    return written
+
+
 # =====================================================================================================
 # §11 Python API and command line
 # =====================================================================================================
@@ -3731,7 +4469,7 @@ def main(argv=None):
         store = RunStore(base, given=overrides)
         for stage in stages:
             STAGES[stage](store, configs)
-        if is_main_process() and not set(stages) <= {"stats", "recommend"}:
+        if is_main_process() and not set(stages) <= {"stats", "recommend", "paper"}:
             for path in plot_figures(base):
                 print(f"figure: {path}", file=sys.stderr)
     except ArgumentParser.Exit as exc:
