@@ -272,7 +272,7 @@ CONFIG_TABLE = {
     "device": Key("auto", "system", device_name, "auto | cpu | cuda | cuda:N"),
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
-    "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (cut-cross-entropy's fused kernel on CUDA when the package imports, else torch) | cce (that kernel: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
+    "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else torch) | cce (that kernel: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)"),
     "compile": Key(False, "system", None, "torch.compile the model"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
@@ -1651,10 +1651,10 @@ class GraphedStream:
     CUDA graph: the users' states live in static buffers that the graph updates in place, so a call costs a
     copy of the new items and one launch. stream(items (b,)) -> scores (b, n_items), valid until the next call."""
 
-    def __init__(self, model, batch, cfg=None):
+    def __init__(self, model, batch):
         device = model_device(model)
-        self.model, cfg = model.eval(), cfg or model.config
-        with torch.no_grad(), autocast(cfg, device):
+        self.model = model.eval()
+        with torch.no_grad(), autocast(model.config, device):
             self.table = model.output_table()[1:]
         self.state = model.init_state(batch)
         self.items = torch.ones(batch, dtype=torch.long, device=device)
@@ -2333,7 +2333,7 @@ def uses_cce(cfg, device):
     if cfg["ce_kernel"] == "cce" and not usable:
         raise ConfigError("--ce_kernel=cce needs a CUDA device, --amp=true and the cut-cross-entropy package "
                           "(pip install cut-cross-entropy); use --ce_kernel=torch")
-    return cfg["num_negatives"] == 0 and usable and cfg["ce_kernel"] != "torch"
+    return usable and cfg["ce_kernel"] != "torch"
 
 
 def fused_cross_entropy(hidden, table, targets, smoothing):
@@ -2350,23 +2350,39 @@ def fused_cross_entropy(hidden, table, targets, smoothing):
     return (rows * valid).sum() / valid.sum().clamp(min=1)
 
 
+def loss_path(cfg, n_items, device):
+    """Which cross-entropy next_item_loss takes for a catalog of n_items under cfg and the current autocast state:
+    cut-cross-entropy, chunked, torch (F.cross_entropy) or sampled."""
+    if cfg["num_negatives"]:
+        return "sampled"
+    if uses_cce(cfg, device):
+        return "cut-cross-entropy"
+    return "chunked" if cfg["ce_chunk"] and n_items > cfg["ce_chunk"] else "torch"
+
+
 def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0):
     """Cross-entropy of each state's target (targets 0 carry no loss) plus the model's auxiliary loss: full
     softmax over all items (no host synchronisation, so the step can be captured in a CUDA graph; through the
-    fused kernel of ce_kernel, or in chunks of ce_chunk items over a larger catalog), or sampled softmax with popularity-sampled negatives and logQ
-    correction (cfg num_negatives > 0). item_weight scales the next-item term (0 in attribute pre-training)."""
+    fused kernel of ce_kernel, or in chunks of ce_chunk items over a larger catalog), or sampled softmax with
+    popularity-sampled negatives and logQ correction (cfg num_negatives > 0). item_weight scales the next-item
+    term (0 in attribute pre-training)."""
     hidden, targets = out.hidden, out.targets
-    if uses_cce(cfg, hidden.device):
-        return out.aux_loss + item_weight * fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1,
-                                                  cfg["label_smoothing"])
-    if cfg["num_negatives"] == 0 and cfg["ce_chunk"] and len(table) - 1 > cfg["ce_chunk"]:
-        flat, catalog = hidden.flatten(0, 1), table[1:].to(hidden.dtype)
-        return out.aux_loss + item_weight * ChunkedCrossEntropy.apply(flat, catalog, targets.flatten() - 1,
-                                                        cfg["label_smoothing"], cfg["ce_chunk"])
-    if cfg["num_negatives"] == 0:
+    path = loss_path(cfg, len(table) - 1, hidden.device)
+    if path == "cut-cross-entropy":
+        loss = fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"])
+    elif path == "chunked":
+        loss = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), table[1:].to(hidden.dtype), targets.flatten() - 1,
+                                         cfg["label_smoothing"], cfg["ce_chunk"])
+    elif path == "torch":
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
-        return out.aux_loss + item_weight * F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1,
-                                              label_smoothing=cfg["label_smoothing"])
+        loss = F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1, label_smoothing=cfg["label_smoothing"])
+    else:
+        loss = sampled_cross_entropy(hidden, targets, table, item_log_q, cfg)
+    return out.aux_loss + item_weight * loss
+
+
+def sampled_cross_entropy(hidden, targets, table, item_log_q, cfg):
+    """Sampled softmax: num_negatives popularity-sampled negatives per batch, logQ-corrected."""
     keep = targets.gt(0)
     hidden, targets = hidden[keep], targets[keep]
     negatives = torch.multinomial(item_log_q.exp(), cfg["num_negatives"], replacement=True)
@@ -2374,7 +2390,7 @@ def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0):
     neg = hidden @ table[negatives].T - item_log_q[negatives]
     neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg], dim=1).float()
-    return out.aux_loss + item_weight * F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
+    return F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
 
 
 class EagerStep:
@@ -3366,7 +3382,6 @@ STREAM_USERS = 4096  # users stepped at once for the streaming throughput (event
 def measure_model(name, cfg, device):
     """One row of the efficiency table for one model at one sequence length (catalog of efficiency_items)."""
     set_seed(0)
-    cfg = cfg.replace(batch_size=cfg["efficiency_batch"])  # a graphed step pads any batch up to batch_size
     n_items = cfg["efficiency_items"]
     model = build_model(name, catalog_only(n_items), cfg, device)
     batch = fake_batch(n_items, cfg["efficiency_batch"], cfg["max_len"], device)
@@ -3393,8 +3408,7 @@ def streaming_step_ms(model, history, device, steps=20):
     if not model.recurrent:
         return 1000 * timed(lambda: model.score_next(Batch(history)), device, repeats=steps)
     if device.type == "cuda":
-        stream = GraphedStream(model, len(history))
-        step = lambda items: stream(items)  # noqa: E731
+        step = GraphedStream(model, len(history))
     else:
         state, table = model.init_state(len(history)), model.output_table()[1:]
 
@@ -3411,27 +3425,20 @@ def measure_catalog(cfg, n_items, device):
     """Time and peak memory of one HoloMamba training step with a catalog of n_items (full softmax through the
     fused kernel, or chunked over catalogs larger than ce_chunk; or sampled softmax), and the loss path taken."""
     batch = cfg["efficiency_batch"]
-    cfg = cfg.replace(batch_size=batch)
     generator = torch.Generator().manual_seed(0)
     model = build_model("HoloMamba", catalog_only(n_items), cfg, device)
     log_q = torch.full((n_items + 1,), -math.log(n_items), device=device)
     log_q[0] = -float("inf")
     step_s, peak_mb = measure_training(model, cfg, fake_batch(n_items, batch, cfg["max_len"], device, generator), log_q)
-    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": loss_path(cfg, n_items, device)}
-
-
-def loss_path(cfg, n_items, device):
-    """Which cross-entropy next_item_loss takes for a catalog of n_items under cfg (training, autocast on)."""
-    if cfg["num_negatives"]:
-        return "sampled"
     with autocast(cfg, device):
-        if uses_cce(cfg, device):
-            return "cut-cross-entropy"
-    return f"chunked ({cfg['ce_chunk']})" if cfg["ce_chunk"] and n_items > cfg["ce_chunk"] else "torch"
+        path = loss_path(cfg, n_items, device)
+    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": path}
+
 
 
 def measure_training(model, cfg, batch, item_log_q=None):
     """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next."""
+    cfg = cfg.replace(batch_size=len(batch.items))  # a graphed step pads any batch up to batch_size
     step = make_train_step(model, model, cfg, item_log_q)
     model.train()
     with PeakMemory(model_device(model)) as peak:
@@ -4090,35 +4097,6 @@ def draw_ablation(table, cfg, plt):
         yield fig, "ablation.png"
 
 
-def draw_compression(table, cfg, plt):
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for (dataset, training), part in table.groupby(["dataset", "bundling"]):
-        if training == "none":
-            continue
-        base = table[(table["dataset"] == dataset) & (table["bundling"] == "none")]
-        part = pd.concat([base, part]).sort_values("k")
-        axes[0].plot(part["k"], part["ndcg@10"], "o-", label=f"{dataset}, {training}")
-        axes[1].plot(part["k"], part["latency_ms"], "o-", label=f"{dataset}, {training}")
-    axes[0].set(xlabel="bundling window k", ylabel="test NDCG@10", title="Accuracy")
-    axes[1].set(xlabel="bundling window k", ylabel="scoring all users (ms)", title="Latency")
-    for ax in axes:
-        ax.set_xticks(sorted(table["k"].unique()))
-    axes[0].legend()
-    yield fig, "compression.png"
-
-
-def draw_efficiency(table, cfg, plt):
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for model, part in table.groupby("model"):
-        axes[0].plot(part["max_len"], part["train_peak_mem_mb"], "o-", label=model)
-        axes[1].plot(part["max_len"], part["batch_infer_ms"], "o-", label=model)
-        axes[2].plot(part["max_len"], part["stream_step_ms"], "o-", label=model)
-    for ax, label in zip(axes, ("training peak memory (MB)", "batch inference (ms)", "one new interaction (ms)")):
-        ax.set(xlabel="sequence length L", ylabel=label, xscale="log", yscale="log")
-    axes[0].legend()
-    yield fig, "efficiency.png"
-
-
 def draw_grid(table, cfg, plt):
     fig, ax = plt.subplots(figsize=(6, 4))
     for dataset, part in table.groupby("dataset"):
@@ -4161,37 +4139,42 @@ def draw_grid_trials(table, cfg, plt):
         yield fig, f"grid_trials_{safe_name(dataset)}.png"
 
 
-FIGURES = [  # (path of the result file given the config, drawing function)
-    (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_learning_curves),
-    (lambda cfg: Path(cfg["results_dir"]) / "ablation.csv", draw_ablation),
-    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_compression),
-    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_efficiency),
-    (lambda cfg: Path(cfg["grid_csv"]), draw_grid),
-    (lambda cfg: Path(cfg["grid_csv"]), draw_grid_trials),
-]
+
+
+def drawn(specs, cfg, plt, say_missing=False):
+    """(figure, name) from every (result file, drawing function) of `specs` whose file exists (a missing one is
+    skipped, with a note when say_missing). A source of None draws from the model's definition, not from results."""
+    for source, draw in specs:
+        path = source(cfg) if source else None
+        if path is not None and not path.is_file():
+            if say_missing:
+                print(f"paper: skipped the figure of {draw.__name__}: {path} is missing")
+            continue
+        yield from draw(read_results(path) if path else None, cfg, plt)
 
 
 def plot_figures(cfg):
-    """Draw every figure whose result file exists into cfg['figures_dir']; returns the paths written."""
+    """Draw every figure whose result file exists into cfg['figures_dir'] as PNG, in the paper's style (PAPER_RC);
+    returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures, written = Path(cfg["figures_dir"]), []
-    for source, draw in FIGURES:
-        path = source(cfg)
-        if not path.is_file():
-            continue
-        for fig, name in draw(pd.read_csv(path), cfg, plt):
-            fig.tight_layout()
-            with atomic_path(figures / name) as tmp:
-                fig.savefig(tmp, dpi=120, format="png")
+    written = []
+    with plt.rc_context(PAPER_RC):
+        for fig, name in drawn(FIGURES, cfg, plt):
+            path = Path(cfg["figures_dir"]) / (name if name.endswith(".png") else f"{name}.png")
+            if fig.get_layout_engine() is None:
+                fig.tight_layout()
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=150, format="png", bbox_inches="tight")
             plt.close(fig)
-            written.append(figures / name)
+            written.append(path)
     return written
 
 
-# ---- figures of the paper: vector PDF and PNG in paper_dir/figures (the paper stage draws them) -----------------
+# ---- figures of the paper: vector PDF and PNG in paper_dir/figures (the paper stage draws them); the compression
+# ---- and efficiency drawers also draw README's PNGs (FIGURES) ------------------------------------------------
 PAPER_RC = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
             "ytick.labelsize": 7, "pdf.fonttype": 42, "axes.spines.top": False, "axes.spines.right": False}
 
@@ -4295,7 +4278,7 @@ def draw_paper_learning_curves(table, cfg, plt):
     yield fig, "learning_curves"
 
 
-def draw_paper_compression(table, cfg, plt):
+def draw_compression(table, cfg, plt):
     """NDCG@10 and latency of ranking every user against the bundling window k (device in the title)."""
     for dataset, part in table.groupby("dataset", sort=False):
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.3), layout="constrained")
@@ -4317,7 +4300,7 @@ def draw_paper_compression(table, cfg, plt):
         yield fig, f"compression_{safe_name(dataset)}" if table["dataset"].nunique() > 1 else "compression"
 
 
-def draw_paper_efficiency(table, cfg, plt):
+def draw_efficiency(table, cfg, plt):
     """Training throughput, peak training memory and one streaming step against the sequence length."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
@@ -4338,12 +4321,21 @@ def draw_paper_efficiency(table, cfg, plt):
     yield fig, "efficiency"
 
 
+FIGURES = [  # README's figures (figures_dir, PNG): (path of the result file given the config, drawing function)
+    (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_learning_curves),
+    (lambda cfg: Path(cfg["results_dir"]) / "ablation.csv", draw_ablation),
+    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_compression),
+    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_efficiency),
+    (lambda cfg: Path(cfg["grid_csv"]), draw_grid),
+    (lambda cfg: Path(cfg["grid_csv"]), draw_grid_trials),
+]
+
 PAPER_FIGURES = [  # (result file given the config, or None: drawn from the model's definition; drawing function)
     (None, draw_architecture),
     (lambda cfg: Path(cfg["results_dir"]) / "accuracy.csv", draw_paper_accuracy),
     (lambda cfg: Path(cfg["results_dir"]) / "history.csv", draw_paper_learning_curves),
-    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_paper_compression),
-    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_paper_efficiency),
+    (lambda cfg: Path(cfg["results_dir"]) / "compression.csv", draw_compression),
+    (lambda cfg: Path(cfg["results_dir"]) / "efficiency.csv", draw_efficiency),
 ]
 
 
@@ -4368,14 +4360,9 @@ def plot_paper_figures(cfg, folder):
 
     written = []
     with plt.rc_context(PAPER_RC):
-        for source, draw in PAPER_FIGURES:
-            path = source(cfg) if source else None
-            if path is not None and not path.is_file():
-                print(f"paper: skipped the figure of {draw.__name__}: {path} is missing")
-                continue
-            for fig, name in draw(read_results(path) if path else None, cfg, plt):
-                written += save_paper_figure(fig, Path(folder) / name)
-                plt.close(fig)
+        for fig, name in drawn(PAPER_FIGURES, cfg, plt, say_missing=True):
+            written += save_paper_figure(fig, Path(folder) / name)
+            plt.close(fig)
     return written
 
 
