@@ -168,6 +168,11 @@ def positive_ints(allow_zero=False):
     return check
 
 
+def optional(check):
+    """check, with the empty string allowed (the key is then unset)."""
+    return lambda v: None if v in ("", None) else check(v)
+
+
 def dataset_names(v):
     names = as_list(v)
     if names and all(n in BUILTIN_DATASETS or n.startswith(("csv:", "recbole:", "frame:")) for n in names):
@@ -203,6 +208,7 @@ CONFIG_TABLE = {
     "bundle_windows": Key("1,2,4,8", "stage", positive_ints(), "compression stage: temporal bundling windows k, untrained and trained"),
     "compression_len": Key(200, "stage", at_least(2), "compression stage: history length fed to the bundled model"),
     "efficiency_lengths": Key("50,200,512,1024,2048,4096,8192", "stage", positive_ints(), "efficiency stage: sequence lengths"),
+    "memory_lens": Key("", "stage", optional(positive_ints()), "memory stage: the memory_len values compared, e.g. 200,500,1000 (empty: memory_len alone)"),
     "efficiency_batch": Key(64, "stage", above(0), "efficiency stage: training / inference batch size (the longest lengths get fewer: see efficiency_tokens)"),
     "efficiency_tokens": Key(131072, "stage", above(0), "efficiency stage: a length L runs a batch of min(efficiency_batch, efficiency_tokens // L), so batch x L stays constant at the longest lengths"),
     "efficiency_items": Key(3416, "stage", above(0), "efficiency stage: catalog size of the sequence-length rows (ML-1M's)"),
@@ -1046,21 +1052,24 @@ class SequenceData:
 class TrainingWindows:
     """Every user's training history (all but the last two items) as one flat tensor on the device, cut into
     (input, target) windows of max_len per epoch by index arithmetic: "last" takes the most recent window
-    (the standard), "random" a window ending anywhere from the first full window to the most recent."""
+    (the standard), "random" a window ending anywhere from the first full window to the most recent. `trained`
+    (default max_len) is the part of a window that has targets: a memory model reads max_len + memory_len items
+    and trains on the last max_len, so its random windows end anywhere from the first full `trained` span, as
+    its window alone's do, with fewer older items in front early in a history."""
 
-    def __init__(self, data, max_len, device):
+    def __init__(self, data, max_len, device, trained=None):
         histories = [s[:-2] for s in data.sequences]
         self.lengths = torch.as_tensor([len(h) for h in histories], device=device)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths
         self.flat = torch.as_tensor(np.concatenate(histories), device=device)
-        self.max_len = max_len
+        self.max_len, self.trained = max_len, trained or max_len
         self.offsets = torch.arange(-max_len - 1, 0, device=device)
 
     def window_ends(self, mode, generator=None):
         """Exclusive end of each user's window (inputs and targets), in history positions."""
         if mode == "last":
             return self.lengths
-        low = self.lengths.clamp(max=self.max_len + 1)
+        low = self.lengths.clamp(max=self.trained + 1)
         u = torch.rand(len(low), generator=generator).to(low.device)
         return low + (u * (self.lengths - low + 1)).long().clamp(max=self.lengths - low)
 
@@ -1790,6 +1799,9 @@ class HoloMamba(Recommender):
         self.final_norm = nn.LayerNorm(d)
         self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"]) if cfg["memory_slots"] else None
         self.memory_gate = nn.Linear(d, d) if self.memory else None
+        self.memory_out = nn.Linear(d, d, bias=False) if self.memory else None
+        if self.memory is not None:  # starts closed: at initialisation the model is its window alone
+            nn.init.zeros_(self.memory_out.weight)
         self.memory_loss = cfg["memory_loss"]
         if self.memory is not None:
             self.input_len = cfg["max_len"] + cfg["memory_len"]
@@ -1874,12 +1886,21 @@ class HoloMamba(Recommender):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
         return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
 
-    def encode(self, x, mask):
+    def encode(self, x, mask, final=True):
+        """The residual stream after the blocks, through the final norm (final=False: before it)."""
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
             x = x + self.dropout(mixer(norm(x), mask))
             if self.ffns:
                 x = x + self.dropout(self.ffns[i](self.ffn_norms[i](x)))
-        return self.final_norm(x)
+        return self.final_norm(x) if final else x
+
+    def memory_read(self, x, memory):
+        """The residual stream x (..., d) plus the memory's gated read, queried with final_norm(x), and the
+        gate: memory_out starts at zero, so at initialisation this is x itself and the model its window alone;
+        the read joins before the final norm, which keeps the scores' scale."""
+        query = self.final_norm(x)
+        gate = torch.sigmoid(self.memory_gate(query))
+        return x + gate * self.memory_out(self.memory.read(memory.to(x.dtype), query)), gate
 
     def forward(self, batch):
         """One state per position; with temporal bundling (bundle_k > 1) one per window of k items, windows
@@ -1898,16 +1919,31 @@ class HoloMamba(Recommender):
         """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
         (older ones included) and each output adds a gated read of the memory at that position. The
         reconstruction loss, weighted by memory_loss, is the auxiliary loss."""
+        x, memory, aux = self.memory_stream(batch)
+        hidden = self.final_norm(self.memory_read(x, memory)[0])
+        return Output(hidden, next_targets(batch, hidden.shape[1]), aux)
+
+    def memory_stream(self, batch):
+        """(residual stream of the window before the final norm, memory at each of its positions, weighted
+        reconstruction loss)."""
         seq = batch.items
         e, mask = self.embed(seq), seq.gt(0).to(self.item_emb.weight.dtype)
         memory, key, value = self.memory.write_sequence(e, mask)
         window = slice(-min(self.config["max_len"], seq.shape[1]), None)
         m = mask[:, window].unsqueeze(-1)
-        hidden = self.encode(self.dropout(e[:, window]) * m, m)
-        aux = self.memory_loss * self.memory.reconstruction_loss(memory, key, value, mask)
-        recalled = self.memory.read(memory[:, window].to(hidden.dtype), hidden)
-        hidden = hidden + torch.sigmoid(self.memory_gate(hidden)) * recalled
-        return Output(hidden, next_targets(batch, hidden.shape[1]), aux)
+        x = self.encode(self.dropout(e[:, window]) * m, m, final=False)
+        return x, memory[:, window], self.memory_loss * self.memory.reconstruction_loss(memory, key, value, mask)
+
+    @torch.no_grad()
+    def reads(self, batch):
+        """How much the memory is used at the last position of each row: {gate: the read gate's mean opening,
+        share: the added read's norm over the residual stream's}, each (b,)."""
+        if self.memory is None:
+            raise ValueError("this HoloMamba has no memory (memory_slots=0)")
+        x, memory, _ = self.memory_stream(batch)
+        x, memory = x[:, -1].float(), memory[:, -1].float()
+        read, gate = self.memory_read(x, memory)
+        return {"gate": gate.mean(-1), "share": (read - x).norm(dim=-1) / x.norm(dim=-1)}
 
     def bundled(self, batch, k):
         """Temporal bundling: each window of k consecutive item embeddings becomes one token,
@@ -1958,10 +1994,10 @@ class HoloMamba(Recommender):
             x, new_state = x + out, new_state + [s]
             if self.ffns:
                 x = x + self.ffns[i](self.ffn_norms[i](x))
-        hidden = self.final_norm(x)
         if self.memory is not None:
-            hidden = hidden + torch.sigmoid(self.memory_gate(hidden)) * self.memory.read(memory, hidden)
+            x = self.memory_read(x, memory)[0]
             new_state.append(memory)
+        hidden = self.final_norm(x)
         table = self.output_table()[1:] if table is None else table
         return exact_scores(hidden, table), new_state
 
@@ -2077,6 +2113,7 @@ class RAMRec(SASRec):
         self.decay = cfg["ramrec_decay"]
         self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
         self.out = nn.Linear(d, d, bias=False)  # no bias: an empty read (r = 0) adds exactly nothing
+        nn.init.zeros_(self.out.weight)  # and zero: at initialisation every read adds nothing (SASRec exactly)
         self.gate = nn.Linear(2 * d, d)
         n_users = catalog.n_users
         self.register_buffer("bank", torch.zeros(n_users, slots, d))  # stored hidden states
@@ -2085,24 +2122,40 @@ class RAMRec(SASRec):
         self.register_buffer("quality", torch.zeros(n_users, slots))  # mean attention weight received
 
     def forward(self, batch):
-        seq, users, ends = batch.items, batch.users, batch.ends
-        h = self.encode(seq)
-        plain = self.final_norm(h)
+        seq, users = batch.items, batch.users
         if users is None:
+            plain = self.final_norm(self.encode(seq))
             return Output(plain, next_targets(batch, plain.shape[1]))
-        positions = (ends - seq.shape[1])[:, None] + torch.arange(seq.shape[1], device=seq.device)
-        with torch.autocast(seq.device.type, enabled=False):  # similarities and fusion in fp32
-            h, plain = h.float(), plain.float()
-            r = self.read(users, positions, seq.gt(0), plain)
-            out = self.final_norm(h + torch.sigmoid(self.gate(torch.cat([plain, r], -1))) * self.out(r))
+        h, plain, added, _, _, positions = self.fusion(batch)
+        out = self.final_norm(h + added)
         if self.training:
             self.write(users, positions, seq, plain)
         return Output(out, next_targets(batch, out.shape[1]))
 
+    def fusion(self, batch):
+        """(h, final_norm(h), the gated read added to h, the gate, the retrieval depth K, the positions), in fp32."""
+        seq, users, ends = batch.items, batch.users, batch.ends
+        h = self.encode(seq)
+        positions = (ends - seq.shape[1])[:, None] + torch.arange(seq.shape[1], device=seq.device)
+        with torch.autocast(seq.device.type, enabled=False):  # similarities and fusion in fp32
+            h = h.float()
+            plain = self.final_norm(h)
+            r, depth = self.read(users, positions, seq.gt(0), plain)
+            gate = torch.sigmoid(self.gate(torch.cat([plain, r], -1)))
+            return h, plain, gate * self.out(r), gate, depth, positions
+
+    @torch.no_grad()
+    def reads(self, batch):
+        """How much the bank is used at the last position of each row: {gate: the gate's mean opening, share: the
+        added read's norm over the residual stream's, depth: the retrieval depth K}, each (b,)."""
+        h, _, added, gate, depth, _ = self.fusion(batch)
+        return {"gate": gate[:, -1].mean(-1), "share": added[:, -1].norm(dim=-1) / h[:, -1].norm(dim=-1),
+                "depth": depth[:, -1].float()}
+
     def read(self, users, positions, real, query):
-        """r (b, l, d): for the state at each position p, attention over the top-K entries of the user's bank
-        tagged t < p; zero where none is eligible. In training, usage counts the retrievals of each entry and
-        quality keeps the running mean of the attention weight it received."""
+        """(r (b, l, d), K (b, l)): for the state at each position p, attention over the top-K entries of the
+        user's bank tagged t < p; zero where none is eligible. In training, usage counts the retrievals of each
+        entry and quality keeps the running mean of the attention weight it received."""
         bank, tags = self.bank[users], self.tags[users][:, None, :]  # (b, S, d), (b, 1, S)
         scores = self.query(query) @ self.key(bank).transpose(1, 2) / math.sqrt(bank.shape[-1])  # (b, l, S)
         eligible = (tags >= 0) & (tags < positions[..., None]) & real[..., None]
@@ -2117,7 +2170,7 @@ class RAMRec(SASRec):
                 usage = self.usage[users] + hits
                 self.quality[users] += (weights.sum(1) - hits * self.quality[users]) / usage.clamp(min=1)
                 self.usage[users] = usage
-        return weights @ self.value(bank)
+        return weights @ self.value(bank), depth
 
     @torch.no_grad()
     def write(self, users, positions, seq, states):
@@ -2524,7 +2577,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     takes back to continue after the last finished epoch."""
     cfg = Config(cfg if cfg is not None else model.config).replace(**overrides)
     device = model_device(model)
-    windows = TrainingWindows(data, model.input_len, device)
+    windows = TrainingWindows(data, model.input_len, device, cfg["max_len"])
     valid = data.eval_split("valid", model.input_len, excludes_seen(cfg, data), device)
     runner, world, rank = model, 1, 0
     if distributed and torch.distributed.is_initialized():
@@ -3400,13 +3453,14 @@ def measure_model(name, cfg, device):
             "stream_mode": "recurrent state" if model.recurrent else "recompute window"}
 
 
-def streaming_step_ms(model, history, device, steps=20):
+def streaming_step_ms(model, history, device, steps=20, users=None, ends=None):
     """Median latency of scoring one new interaction for each of the len(history) users: a recurrent O(1) step
     for models with a state (one replayed CUDA graph on CUDA, the eager step elsewhere), a forward over the
-    whole window otherwise. The state is prefilled with the last 64 items: a step costs the same after any
-    history."""
+    whole window otherwise (with users and ends, a reads_users model reads its bank). The state is prefilled
+    with the last 64 items: a step costs the same after any history."""
     if not model.recurrent:
-        return 1000 * timed(lambda: model.score_next(Batch(history)), device, repeats=steps)
+        batch = Batch(history, users=users, ends=ends)
+        return 1000 * timed(lambda: model.score_next(batch), device, repeats=steps)
     if device.type == "cuda":
         step = GraphedStream(model, len(history))
     else:
@@ -3447,28 +3501,77 @@ def measure_training(model, cfg, batch, item_log_q=None):
 
 
 def memory_stage(store, configs):
-    """HoloMamba three ways on every dataset: the max_len window alone, the same window plus the holographic
-    memory over memory_len older items, and one window over max_len + memory_len items. Test metrics on all
-    users and on users with more than long_history training items; bytes of per-user state. results/memory.csv."""
-    rows = []
+    """Each memory extension against the model it extends, on every dataset and seed. HoloMamba (when --models
+    names it): the max_len window alone, the same window plus the holographic memory over memory_len older items
+    (each of --memory_lens), and one window over max_len + memory_len items. RAMRec (when --models names it)
+    against SASRec. Per run: test metrics on all users and on users with more than long_history training items,
+    bytes of per-user state, the cost of scoring one new interaction of one user, and how much the memory's
+    read is used at the scored position (gate opening, the read's share of the residual stream). Writes
+    results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K)."""
+    rows, depths = [], []
     for cfg in configs:
-        if cfg["memory_len"] == 0:
-            raise ConfigError("--stage=memory needs --memory_len > 0 (the older items the memory folds in)")
-        data, seed = store.dataset(cfg), seeds(cfg)[0]
-        long = data.train_lengths() > cfg["long_history"]
-        variants = {"window": cfg.replace(memory_slots=0),
-                    "window + memory": cfg.replace(memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS),
-                    "full window": cfg.replace(memory_slots=0, max_len=cfg["max_len"] + cfg["memory_len"])}
-        for name, variant in variants.items():
-            run = store.run(variant, "HoloMamba", seed)
-            model = store.model(run)
-            state_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(model.init_state(1)))
-            rows += [dict(row, variant=name, encoder_window=variant["max_len"], items_read=model.input_len,
-                          recurrent_state_bytes=state_bytes, train_seconds=run.train_seconds)
-                     for row in slice_metrics(run, cfg["dataset"], {f"> {cfg['long_history']} items": long})]
-    upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "variant", "slice"])
-    print(pd.DataFrame(rows).to_string(index=False))
+        lens = as_list(cfg["memory_lens"], int) or [cfg["memory_len"]]
+        models = as_list(cfg["models"])
+        if "HoloMamba" in models and 0 in lens:
+            raise ConfigError("--stage=memory needs --memory_len > 0 or --memory_lens (the older items the memory folds in)")
+        if not {"HoloMamba", "RAMRec"} & set(models):
+            raise ConfigError("--stage=memory compares the memory of HoloMamba or RAMRec: name one in --models")
+        data = store.dataset(cfg)
+        long = {f"> {cfg['long_history']} items": data.train_lengths() > cfg["long_history"]}
+        window = cfg.replace(memory_slots=0, memory_len=0)
+        variants = [("HoloMamba", "window", 0, window)] if "HoloMamba" in models else []
+        for n in lens if "HoloMamba" in models else ():
+            variants += [("HoloMamba", "window + memory", n,
+                          cfg.replace(memory_len=n, memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS)),
+                         ("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
+        if "RAMRec" in models:
+            variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec", 0, cfg)]
+        for seed in seeds(cfg):
+            for name, variant, n, config in variants:
+                run = store.run(config, name, seed)
+                model = store.model(run)
+                split = data.eval_split("test", model.input_len, excludes_seen(run.cfg, data), model_device(model))
+                reads = memory_reads(model, split, run.cfg["eval_batch_size"])
+                device = model_device(model)
+                with torch.no_grad(), autocast(run.cfg, device):
+                    step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
+                if "depth" in reads:
+                    k, users = reads.pop("depth").long().unique(return_counts=True)
+                    depths += [{"dataset": run.dataset, "seed": seed, "depth": int(a), "users": int(b),
+                                "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
+                info = dict(model=name, variant=variant, memory_len=n, seed=seed, config=run.config,
+                            encoder_window=config["max_len"],
+                            items_read=model.input_len, state_bytes=state_bytes(model),
+                            step_ms=round(step_ms, 4),
+                            **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
+                            best_epoch=run.best_epoch, train_seconds=run.train_seconds)
+                rows += [{**row, **info} for row in slice_metrics(run, cfg["dataset"], long)]
+    table = upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "model", "variant", "memory_len", "seed", "slice"])
+    if depths:
+        upsert_csv(store.results_dir / "memory_depth.csv", depths, ["dataset", "seed", "depth"])
+    summary = table.groupby(["dataset", "variant", "memory_len", "slice"], sort=False)[["ndcg@10", "hr@10"]].agg(["mean", "std"])
+    print(summary.round(4).to_string())
     return rows
+
+
+def state_bytes(model):
+    """Bytes a server keeps per user: a recurrent model's state; otherwise the window of item ids it re-reads,
+    plus any per-user buffers (RAMRec's bank, tags, usage and quality)."""
+    if model.recurrent:
+        return sum(t.numel() * t.element_size() for t in leaves(model.init_state(1)))
+    banks = [b for b in model.buffers() if b.dim() and len(b) == model.catalog.n_users] if model.reads_users else []
+    return model.input_len * 8 + sum(b[0].numel() * b.element_size() for b in banks)
+
+
+@torch.no_grad()
+def memory_reads(model, split, batch_size):
+    """model.reads over the split in batches ({name: (U,) tensor}); {} for a model without a memory."""
+    if not hasattr(model, "reads") or getattr(model, "memory", True) is None:
+        return {}
+    model.eval()
+    parts = [model.reads(Batch(split.inputs[i:i + batch_size], users=split.users[i:i + batch_size],
+                               ends=split.ends[i:i + batch_size])) for i in range(0, len(split.inputs), batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def figures_stage(store, configs):

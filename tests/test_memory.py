@@ -82,8 +82,24 @@ def memory_model(memory_len=0, max_len=12, seed=0):
     return cfg, H.build_model("HoloMamba", H.catalog_only(40), cfg).eval()
 
 
+def test_memory_windows_train_on_the_encoder_window():
+    """A memory model's random training windows (max_len + memory_len items) end anywhere from the first full
+    encoder window, as the window alone's do: a user with 30 items gets windows ending anywhere in [13, 30]."""
+    data = H.load_dataset("synthetic")
+    plain, memory = H.TrainingWindows(data, 12, "cpu"), H.TrainingWindows(data, 20, "cpu", trained=12)
+    g = torch.Generator().manual_seed(0)
+    ends = torch.stack([memory.window_ends("random", g) for _ in range(200)])
+    low = memory.lengths.clamp(max=13)
+    assert (ends >= low).all() and (ends <= memory.lengths).all()
+    assert torch.equal(ends.amin(0), low) and torch.equal(ends.amax(0), memory.lengths)
+    inputs, targets = memory.cut(ends[0])
+    assert inputs.shape == (data.n_users, 20)
+    torch.testing.assert_close(targets[:, -12:], plain.cut(ends[0])[1])
+
+
 def test_streaming_steps_with_memory_equal_the_full_forward():
     cfg, model = memory_model()
+    opened(model)
     seq = torch.randint(1, 41, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         state, table = model.init_state(1), model.output_table()[1:]
@@ -92,11 +108,51 @@ def test_streaming_steps_with_memory_equal_the_full_forward():
             torch.testing.assert_close(scores, model.score_next(H.Batch(seq[:, :t + 1])), rtol=1e-4, atol=1e-4)
 
 
+def opened(model, seed=1):
+    """The memory read switched on, as training would: memory_out (zero at initialisation) random."""
+    with torch.no_grad():
+        model.memory_out.weight.copy_(torch.randn(model.memory_out.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def test_memory_model_at_initialisation_is_its_window_alone():
+    """memory_out starts at zero: with the window model's weights, the window + memory model gives the same
+    scores to 1e-6, in the full forward (which reads 8 older items) and step by step."""
+    cfg, memory = memory_model(memory_len=8)
+    window = H.build_model("HoloMamba", H.catalog_only(40), cfg.replace(memory_slots=0, memory_len=0)).eval()
+    missing, unexpected = memory.load_state_dict(window.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("memory") for k in missing)
+    seq = torch.randint(1, 41, (4, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(memory.score_next(H.Batch(seq)), window.score_next(H.Batch(seq[:, -12:])),
+                                   rtol=0, atol=1e-6)
+        state = memory.init_state(4)
+        base = window.init_state(4)
+        for t in range(seq.shape[1]):
+            scores, state = memory.step(state, seq[:, t])
+            expected, base = window.step(base, seq[:, t])
+            torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+
+
+def test_memory_model_never_reads_at_or_after_a_query_position():
+    """Changing the item at position 15 of 20 (window 12 over positions 8..19) changes no state before it."""
+    _, model = memory_model(memory_len=8)
+    opened(model)
+    seq = torch.randint(1, 41, (3, 20), generator=torch.Generator().manual_seed(8))
+    later = seq.clone()
+    later[:, 15:] = torch.randint(1, 41, (3, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = model(H.Batch(seq)).hidden, model(H.Batch(later)).hidden
+    torch.testing.assert_close(a[:, :15 - 8], b[:, :15 - 8], rtol=0, atol=1e-6)
+    assert (a[:, 15 - 8:] - b[:, 15 - 8:]).abs().amax() > 1e-3
+
+
 def test_memory_model_reads_older_items_and_trains_on_its_window():
     """With memory_len = 8 the model takes 12 + 8 items, encodes the last 12, and older items change the
     output only through the memory; the model aligns targets to the window and returns the weighted
     reconstruction loss as its auxiliary loss."""
     cfg, model = memory_model(memory_len=8)
+    opened(model)
     assert model.input_len == 20
     seq = torch.randint(1, 41, (3, 21), generator=torch.Generator().manual_seed(4))
     inputs, targets = seq[:, :-1], seq[:, 1:]
@@ -106,9 +162,11 @@ def test_memory_model_reads_older_items_and_trains_on_its_window():
         older = inputs.clone()
         older[:, :8] = torch.randint(1, 41, (3, 8), generator=torch.Generator().manual_seed(5))
         assert not torch.allclose(model(H.Batch(older)).hidden, hidden)  # the memory carries the older items
-        model.memory_gate.weight.zero_()
-        model.memory_gate.bias.fill_(-60.0)  # memory read switched off
+        reads = model.reads(H.Batch(older))
+        assert reads["gate"].shape == reads["share"].shape == (3,) and (reads["share"] > 0).all()
+        model.memory_out.weight.zero_()  # memory read switched off
         torch.testing.assert_close(model(H.Batch(older)).hidden, model(H.Batch(inputs)).hidden)
+        assert (model.reads(H.Batch(older))["share"] == 0).all()
     out = model(H.Batch(inputs, targets))
     assert torch.equal(out.targets, targets[:, -12:])
     reconstruction = model.memory.reconstruction_loss(*model.memory.write_sequence(model.embed(inputs), inputs.gt(0).float()),
@@ -121,19 +179,33 @@ def test_memory_model_reads_older_items_and_trains_on_its_window():
     assert 0 <= reconstruction.item() <= 2
 
 
-def test_memory_stage_compares_three_variants(tmp_path):
-    argv = ["--stage=memory", "--dataset=synthetic", "--max_len=8", "--memory_len=16", "--long_history=20",
-            "--d_model=16", "--n_layers=1", "--epochs=1", f"--results_dir={tmp_path / 'r'}",
-            f"--checkpoint_dir={tmp_path / 'c'}", f"--figures_dir={tmp_path / 'f'}"]
+def test_memory_stage_compares_each_extension_with_its_base(tmp_path):
+    """Per seed: HoloMamba's window, window + memory and full window at each memory_len (the window shared), and
+    SASRec against RAMRec; two slices each, state bytes, a streaming cost, read use, RAMRec's depth shares."""
+    argv = ["--stage=memory", "--dataset=synthetic", "--max_len=8", "--memory_lens=8,16", "--long_history=20",
+            "--models=HoloMamba,RAMRec", "--seeds=0,1", "--d_model=16", "--n_layers=1", "--epochs=1",
+            f"--results_dir={tmp_path / 'r'}", f"--checkpoint_dir={tmp_path / 'c'}", f"--figures_dir={tmp_path / 'f'}"]
     assert H.main(argv) == 0
     import pandas as pd
     rows = pd.read_csv(tmp_path / "r" / "memory.csv")
-    assert rows["variant"].tolist() == ["window", "window", "window + memory", "window + memory",
-                                        "full window", "full window"]
-    assert rows["items_read"].tolist() == [8, 8, 24, 24, 24, 24]
+    runs = rows[(rows["seed"] == 0) & (rows["slice"] == "all users")]
+    assert list(zip(runs["variant"], runs["memory_len"], runs["items_read"], runs["encoder_window"])) == [
+        ("window", 0, 8, 8), ("window + memory", 8, 16, 8), ("full window", 8, 16, 16),
+        ("window + memory", 16, 24, 8), ("full window", 16, 24, 24), ("SASRec", 0, 8, 8), ("RAMRec", 0, 8, 8)]
+    assert len(rows) == 2 * 7 * 2 and sorted(rows["seed"].unique()) == [0, 1]
     long_users = int((H.load_dataset("synthetic").train_lengths() > 20).sum())
-    assert rows[rows["slice"] == "> 20 items"]["users"].tolist() == [long_users] * 3
-    # the memory adds S x d floats to the recurrent state: 8 slots x 16 x 4 bytes
-    state = rows.drop_duplicates("variant").set_index("variant")["recurrent_state_bytes"]
-    assert state["window + memory"] - state["window"] == 8 * 16 * 4
+    assert (rows.loc[rows["slice"] == "> 20 items", "users"] == long_users).all()
+    state = runs.set_index(["variant", "memory_len"])["state_bytes"]
+    # the memory adds S x d floats to the recurrent state: 8 slots x 16 x 4 bytes; RAMRec's bank per user:
+    # 32 states of 16 floats, 32 int64 tags, 32 float usages and qualities, on top of SASRec's 8 item ids
+    assert state[("window + memory", 8)] - state[("window", 0)] == 8 * 16 * 4
+    assert state[("RAMRec", 0)] - state[("SASRec", 0)] == 32 * (16 * 4 + 8 + 4 + 4) and state[("SASRec", 0)] == 8 * 8
+    assert (runs["step_ms"] > 0).all()
+    used = runs.set_index("variant")
+    assert used[["read_gate", "read_share"]].loc[["window", "full window", "SASRec"]].isna().all().all()
+    assert (used.loc[["window + memory", "RAMRec"], "read_gate"].between(0, 1)).all()
+    depth = pd.read_csv(tmp_path / "r" / "memory_depth.csv")
+    data = H.load_dataset("synthetic")
+    assert depth.groupby("seed")["users"].sum().tolist() == [data.n_users] * 2
+    assert depth["depth"].between(0, 8).all()  # the default ramrec_k_max
     assert H.main(["--stage=memory", "--dataset=synthetic"]) == 2  # memory_len must be set

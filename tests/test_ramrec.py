@@ -18,6 +18,13 @@ def ramrec(seed=0, **extra):
     return H.RAMRec(cfg, H.catalog_only(N_ITEMS)._replace(n_users=N_USERS)).eval()
 
 
+def opened(model, seed=5):
+    """The read path switched on, as training would: out (zero at initialisation) random."""
+    with torch.no_grad():
+        model.out.weight.copy_(torch.randn(model.out.weight.shape, generator=torch.Generator().manual_seed(seed)) / 4)
+    return model
+
+
 def hidden(model, seq, users=None, ends=None):
     return model(H.Batch(seq, users=users, ends=ends)).hidden
 
@@ -72,7 +79,7 @@ def test_adaptive_depth_grows_with_entropy():
 def test_entries_at_or_after_the_query_position_are_never_retrieved(training):
     """A bank whose tags are all >= every query position leaves the output equal to the memory-free path;
     one entry tagged t changes exactly the positions p > t."""
-    model = ramrec().train(training)
+    model = opened(ramrec().train(training))
     seq, users, ends = batch()
     last = ends - 1  # absolute position of each row's last column
     with torch.no_grad():
@@ -142,8 +149,25 @@ def test_full_bank_replaces_empty_then_lowest_retention_entries():
         torch.testing.assert_close(model.bank[0, slot], states[0, col], rtol=0, atol=0)
 
 
+def test_at_initialisation_it_is_sasrec_with_a_full_bank():
+    """out starts at zero: with SASRec's weights and a full bank, RAMRec's scores equal SASRec's to 1e-6 (and a
+    training forward, which also writes the bank, gives the same states)."""
+    model = ramrec(seed=2)
+    sasrec = H.SASRec(H.config("synthetic", d_model=16, n_layers=1, n_heads=2, max_len=L, dropout=0.0),
+                      H.catalog_only(N_ITEMS)).eval()
+    missing, unexpected = model.load_state_dict(sasrec.state_dict(), strict=False)
+    assert not unexpected and set(missing) >= {"out.weight", "gate.weight", "query.weight", "bank"}
+    seq, users, ends = batch(seed=6)
+    fill_bank(model, users, [list(range(0, 19, 3)), [0, 1, 2], list(range(0, 14, 2))])
+    with torch.no_grad():
+        expected = sasrec.score_next(H.Batch(seq))
+        torch.testing.assert_close(model.score_next(H.Batch(seq, users=users, ends=ends)), expected, rtol=0, atol=1e-6)
+        assert (model.reads(H.Batch(seq, users=users, ends=ends))["share"] == 0).all()
+        torch.testing.assert_close(hidden(model.train(), seq, users, ends), hidden(sasrec, seq), rtol=0, atol=1e-6)
+
+
 def test_without_users_it_is_its_sasrec_encoder_and_padding_is_inert():
-    model = ramrec(seed=3)
+    model = opened(ramrec(seed=3))
     sasrec = H.SASRec(H.config("synthetic", d_model=16, n_layers=1, n_heads=2, max_len=L, dropout=0.0),
                       H.catalog_only(N_ITEMS)).eval()
     sasrec.load_state_dict(model.state_dict(), strict=False)
