@@ -1738,14 +1738,25 @@ class HolographicMemory(nn.Module):
     def decay(self):
         return torch.sigmoid(self.decay_logit).unsqueeze(-1)  # (S, 1)
 
-    def write_sequence(self, x, mask):
+    def write_sequence(self, x, mask, start=None):
         """Memory after every position of x (b, l, d): M_t = λ M_{t-1} + write(x_t), padding neither writing
-        nor decaying. Returns (M (b, l, S, d), keys, values)."""
+        nor decaying, from the memory `start` (b, S, d) before x (default empty). Returns (M (b, l, S, d), keys,
+        values)."""
         add, key, value = self.writes(x)
         real = mask[..., None, None]  # (b, l, 1, 1)
         work = torch.promote_types(add.dtype, torch.float32)  # the scan in fp32 at least
         decay = torch.where(real > 0, self.decay().to(work), torch.ones((), dtype=work, device=add.device))
-        return LinearScan.apply(decay.expand(add.shape).contiguous(), (add * real).to(work)), key, value
+        memory = LinearScan.apply(decay.expand(add.shape).contiguous(), (add * real).to(work))
+        if start is not None:  # start decays once per real write
+            memory = memory + self.decay().to(work) ** real.to(work).cumsum(1) * start[:, None].to(work)
+        return memory, key, value
+
+    def fold(self, x, mask):
+        """The memory (b, S, d) after writing all of x (b, l, d): Σ_t λ^(real writes after t) write(x_t)."""
+        add = self.writes(x)[0]
+        real = mask[..., None, None].to(torch.promote_types(add.dtype, torch.float32))
+        after = real.flip(1).cumsum(1).flip(1) - real  # real writes after each position
+        return (self.decay().to(real.dtype) ** after * add * real).sum(1)
 
     def write(self, memory, x):
         """One streaming write: memory (b, S, d), x (b, d)."""
@@ -1925,14 +1936,20 @@ class HoloMamba(Recommender):
 
     def memory_stream(self, batch):
         """(residual stream of the window before the final norm, memory at each of its positions, weighted
-        reconstruction loss)."""
+        reconstruction loss over the window). The items older than the window are folded into the memory
+        without gradient (as Transformer-XL caches its memory): the memory learns to write and read from the
+        window's items, and a step costs the window's activations, not the whole span's."""
         seq = batch.items
-        e, mask = self.embed(seq), seq.gt(0).to(self.item_emb.weight.dtype)
-        memory, key, value = self.memory.write_sequence(e, mask)
-        window = slice(-min(self.config["max_len"], seq.shape[1]), None)
-        m = mask[:, window].unsqueeze(-1)
-        x = self.encode(self.dropout(e[:, window]) * m, m, final=False)
-        return x, memory[:, window], self.memory_loss * self.memory.reconstruction_loss(memory, key, value, mask)
+        w = min(self.config["max_len"], seq.shape[1])
+        mask = seq.gt(0).to(self.item_emb.weight.dtype)
+        start = None
+        if seq.shape[1] > w:
+            with torch.no_grad():
+                start = self.memory.fold(self.embed(seq[:, :-w]), mask[:, :-w])
+        e, m = self.embed(seq[:, -w:]), mask[:, -w:]
+        memory, key, value = self.memory.write_sequence(e, m, start)
+        x = self.encode(self.dropout(e) * m.unsqueeze(-1), m.unsqueeze(-1), final=False)
+        return x, memory, self.memory_loss * self.memory.reconstruction_loss(memory, key, value, m)
 
     @torch.no_grad()
     def reads(self, batch):
@@ -2883,11 +2900,11 @@ class RunStore:
                       + ("some user repeats an item" if data.has_repeats else "no user repeats an item"), file=sys.stderr)
         return self.datasets[key]
 
-    def run(self, cfg, model_name, seed, distributed=True):
+    def run(self, cfg, model_name, seed, distributed=True, reuse=None):
         """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
         rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record. With
         resume, a finished run on the same data is reloaded, and a run cut short by Ctrl-C continues from its
-        <name>.partial.pt."""
+        <name>.partial.pt. reuse=True reloads a finished run whatever --resume says."""
         data = self.dataset(cfg)
         fitted = fitted_config(cfg, data)
         if fitted["max_len"] < cfg["max_len"]:
@@ -2903,14 +2920,15 @@ class RunStore:
         record_path = self.results_dir / "runs" / f"{run_name(*key)}.json"
         set_seed(seed)
         model = build_model(model_name, data, cfg, device)
-        stored = self.finished(record_path, checkpoint, data, tag) if self.resume else None
+        reuse = self.resume if reuse is None else reuse
+        stored = self.finished(record_path, checkpoint, data, tag) if reuse else None
         shared = distributed and torch.distributed.is_initialized()  # DDP: every rank holds the same weights
         if stored:
             load_weights(model, read_checkpoint(checkpoint)["state_dict"], checkpoint)
             info = {k: stored[k] for k in ("epochs", "stopped_by", "best_epoch", "train_seconds", "history")}
             tqdm.write(f"{tag} resumed from {checkpoint}", file=sys.stderr)
         else:
-            state = self.interrupted(partial, key, data, tag) if self.resume else None
+            state = self.interrupted(partial, key, data, tag) if reuse else None
             start = time.perf_counter() - (state["seconds"] if state else 0.0)
             try:
                 result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}",
@@ -3507,8 +3525,11 @@ def memory_stage(store, configs):
     against SASRec. Per run: test metrics on all users and on users with more than long_history training items,
     bytes of per-user state, the cost of scoring one new interaction of one user, and how much the memory's
     read is used at the scored position (gate opening, the read's share of the residual stream). Writes
-    results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K)."""
-    rows, depths = [], []
+    results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K).
+    Parallel: the same command in several processes sharing results_dir; each trains the runs nobody else has
+    claimed (claims in memory_runs.csv.claims, finished runs in memory_runs.csv) and writes the rows of every
+    finished run, so the last to finish writes them all."""
+    rows, depths, log = [], [], store.results_dir / "memory_runs.csv"
     for cfg in configs:
         lens = as_list(cfg["memory_lens"], int) or [cfg["memory_len"]]
         models = as_list(cfg["models"])
@@ -3526,26 +3547,39 @@ def memory_stage(store, configs):
                          ("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
         if "RAMRec" in models:
             variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec", 0, cfg)]
-        for seed in seeds(cfg):
-            for name, variant, n, config in variants:
-                run = store.run(config, name, seed)
-                model = store.model(run)
-                split = data.eval_split("test", model.input_len, excludes_seen(run.cfg, data), model_device(model))
-                reads = memory_reads(model, split, run.cfg["eval_batch_size"])
-                device = model_device(model)
-                with torch.no_grad(), autocast(run.cfg, device):
-                    step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
-                if "depth" in reads:
-                    k, users = reads.pop("depth").long().unique(return_counts=True)
-                    depths += [{"dataset": run.dataset, "seed": seed, "depth": int(a), "users": int(b),
-                                "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
-                info = dict(model=name, variant=variant, memory_len=n, seed=seed, config=run.config,
-                            encoder_window=config["max_len"],
-                            items_read=model.input_len, state_bytes=state_bytes(model),
-                            step_ms=round(step_ms, 4),
-                            **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
-                            best_epoch=run.best_epoch, train_seconds=run.train_seconds)
-                rows += [{**row, **info} for row in slice_metrics(run, cfg["dataset"], long)]
+        plan = [(seed, *v, run_name(cfg["dataset"], v[0], seed, run_hash(fitted_config(v[3], data))))
+                for seed in seeds(cfg) for v in variants]
+        for seed, name, _, _, config, key in plan:
+            if claim_trial(log, key):
+                store.run(config, name, seed)
+                append_csv_row(log, {"trial": key})
+        done = set(read_log(log)["trial"].astype(str))
+        if len({p[-1] for p in plan} - done):
+            tqdm.write(f"[{cfg['dataset']}] memory stage: {len({p[-1] for p in plan} - done)} runs still training in "
+                       "other processes; the last process to finish writes their rows", file=sys.stderr)
+        for seed, name, variant, n, config, key in plan:
+            if key not in done:
+                continue
+            run = store.run(config, name, seed, reuse=True)
+            model = store.model(run)
+            split = data.eval_split("test", model.input_len, excludes_seen(run.cfg, data), model_device(model))
+            reads = memory_reads(model, split, run.cfg["eval_batch_size"])
+            device = model_device(model)
+            with torch.no_grad(), autocast(run.cfg, device):
+                step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
+            if "depth" in reads:
+                k, users = reads.pop("depth").long().unique(return_counts=True)
+                depths += [{"dataset": run.dataset, "seed": seed, "depth": int(a), "users": int(b),
+                            "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
+            info = dict(model=name, variant=variant, memory_len=n, seed=seed, config=run.config,
+                        encoder_window=config["max_len"],
+                        items_read=model.input_len, state_bytes=state_bytes(model),
+                        step_ms=round(step_ms, 4),
+                        **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
+                        best_epoch=run.best_epoch, train_seconds=run.train_seconds)
+            rows += [{**row, **info} for row in slice_metrics(run, cfg["dataset"], long)]
+    if not rows:
+        return rows
     table = upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "model", "variant", "memory_len", "seed", "slice"])
     if depths:
         upsert_csv(store.results_dir / "memory_depth.csv", depths, ["dataset", "seed", "depth"])

@@ -75,6 +75,33 @@ def test_sequence_write_equals_step_writes_and_padding_is_inert():
             torch.testing.assert_close(memory[b, t], state[0], rtol=1e-10, atol=1e-10)
 
 
+def test_a_folded_start_continues_the_scan():
+    """fold(x) is the scan's last memory, and scanning the rest from it gives the scan over everything."""
+    torch.manual_seed(0)
+    mem = H.HolographicMemory(8, slots=3).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1, 1], [1] * 9], dtype=torch.float64)
+    whole = mem.write_sequence(x, mask)[0]
+    torch.testing.assert_close(mem.fold(x[:, :5], mask[:, :5]), whole[:, 4], rtol=1e-10, atol=1e-12)
+    rest = mem.write_sequence(x[:, 5:], mask[:, 5:], start=mem.fold(x[:, :5], mask[:, :5]))[0]
+    torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-10, atol=1e-12)
+
+
+def test_items_older_than_the_window_are_folded_in_without_gradient():
+    """In training, the encoder input of the 8 older items carries no gradient (folded in under no_grad) and the
+    window's 12 do; the memory at the window's positions still depends on the older items."""
+    cfg, model = memory_model(memory_len=8)
+    opened(model).train()
+    seen = []
+    hook = model.emb_norm.register_forward_hook(lambda module, args, out: seen.append((out.shape[1], out.requires_grad)))
+    seq = torch.randint(1, 41, (2, 21), generator=torch.Generator().manual_seed(2))
+    out = model(H.Batch(seq[:, :-1], seq[:, 1:]))
+    hook.remove()
+    assert seen == [(8, False), (12, True)]
+    H.next_item_loss(out, model.output_table(), cfg).backward()
+    assert model.memory.write_key.weight.grad.abs().max() > 0
+
+
 def memory_model(memory_len=0, max_len=12, seed=0):
     cfg = H.resolve_config({"d_model": 16, "n_layers": 2, "max_len": max_len, "dropout": 0.0, "memory_slots": 4,
                             "memory_len": memory_len, "scan_backend": "parallel"}, "synthetic")
@@ -169,8 +196,10 @@ def test_memory_model_reads_older_items_and_trains_on_its_window():
         assert (model.reads(H.Batch(older))["share"] == 0).all()
     out = model(H.Batch(inputs, targets))
     assert torch.equal(out.targets, targets[:, -12:])
-    reconstruction = model.memory.reconstruction_loss(*model.memory.write_sequence(model.embed(inputs), inputs.gt(0).float()),
-                                                      inputs.gt(0).float())
+    memory, key, value = model.memory.write_sequence(model.embed(inputs), inputs.gt(0).float())
+    window = slice(-12, None)
+    reconstruction = model.memory.reconstruction_loss(memory[:, window], key[:, window], value[:, window],
+                                                      inputs[:, window].gt(0).float())
     torch.testing.assert_close(out.aux_loss, cfg["memory_loss"] * reconstruction, rtol=1e-6, atol=1e-7)
     loss = H.next_item_loss(out, model.output_table(), cfg)
     logits = (out.hidden @ model.output_table()[1:].T).flatten(0, 1)
