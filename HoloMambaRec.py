@@ -1908,10 +1908,11 @@ class HoloMamba(Recommender):
     def memory_read(self, x, memory):
         """The residual stream x (..., d) plus the memory's gated read, queried with final_norm(x), and the
         gate: memory_out starts at zero, so at initialisation this is x itself and the model its window alone;
-        the read joins before the final norm, which keeps the scores' scale."""
+        the read joins before the final norm, which keeps the scores' scale, as a residual branch with the
+        same dropout as the blocks'."""
         query = self.final_norm(x)
         gate = torch.sigmoid(self.memory_gate(query))
-        return x + gate * self.memory_out(self.memory.read(memory.to(x.dtype), query)), gate
+        return x + self.dropout(gate * self.memory_out(self.memory.read(memory.to(x.dtype), query))), gate
 
     def forward(self, batch):
         """One state per position; with temporal bundling (bundle_k > 1) one per window of k items, windows
@@ -3673,6 +3674,7 @@ PUBLISHED = [("ml-1m", "SASRec", 0.3152, 0.1821, "klenitskiy2023turning"),
 # The original paper's public script under its own protocol (preset `paper`, one seed), as README reports it.
 PAPER_SCRIPT = {"ml-1m": (0.1626, 0.0917), "amazon-beauty": (0.0444, 0.0273)}
 PAPER_METRICS = ["hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"]
+MEMORY_MIN_USERS = 20  # memory table: a slice with fewer users is left out
 SLICE_HEADERS = {"all users": "All users", "short-history users": "Short histories",
                  "rare target items": "Rare targets"}
 PRESET_KEYS = ["max_len", "d_model", "n_layers", "d_state", "expand", "ffn", "dropout", "batch_size", "lr",
@@ -4049,41 +4051,64 @@ def table_compression(table, numbers):
     return PaperTable(caption, columns, blocks)
 
 
+def memory_label(variant, memory_len, items_read):
+    """'window + memory <memory_len>' and 'full window <items read>'; the others as they are."""
+    return f"{variant} {int(items_read if variant == 'full window' else memory_len)}" if memory_len else variant
+
+
 def table_memory(table, numbers):
-    """The window alone, the window plus the holographic memory over older items, and one long window."""
-    blocks = []
-    for dataset, part in table.groupby("dataset", sort=False):
-        slices = list(dict.fromkeys(part["slice"]))
-        rows = []
-        for variant, group in part.groupby("variant", sort=False):
-            by = {row["slice"]: row for _, row in group.iterrows()}
-            first = group.iloc[0]
-            base = f"mem/{dataset}/{slug(variant)}"
-            numbers[f"{base}/state_bytes"] = tex_count(first["recurrent_state_bytes"])
-            numbers[f"{base}/items_read"] = str(int(first["items_read"]))
-            cells = [tex_escape(variant), str(int(first["items_read"])), str(int(first["encoder_window"])),
-                     tex_count(first["recurrent_state_bytes"])]
-            for s in slices:
-                numbers[f"{base}/{slug(s)}/ndcg@10"], numbers[f"{base}/{slug(s)}/hr@10"] = \
-                    f"{by[s]['ndcg@10']:.4f}", f"{by[s]['hr@10']:.4f}"
-                cells += [f"{by[s]['ndcg@10']:.4f}", f"{by[s]['hr@10']:.4f}"]
-            rows.append((cells, f"{dataset}/{variant}"))
-        users = {s: int(part.loc[part["slice"] == s, "users"].iloc[0]) for s in slices}
-        numbers.update({f"mem/{dataset}/{slug(s)}/users": tex_count(n) for s, n in users.items()})
-        if {"window", "window + memory"} <= set(part["variant"]):
-            for s in slices:
-                w, m = (float(numbers[f"mem/{dataset}/{v}/{slug(s)}/ndcg@10"]) for v in ("window", "window-memory"))
-                numbers[f"mem/{dataset}/memory-minus-window/{slug(s)}/ndcg@10"] = signed(m - w, 4)
-        blocks.append((users_title(dataset, users), rows))
+    """Each memory extension against the model it extends (mean and std over seeds, test split): HoloMamba's
+    window alone, with the memory over memory_len older items and one long window; SASRec and RAMRec.
+    Numbers: mem/<dataset>/<variant[-memory_len]>/<slice>/<metric>[/std], its state bytes and read share, the
+    memory's difference to the window alone and RAMRec's to SASRec per slice."""
+    blocks, metrics = [], ["ndcg@10", "hr@10"]
     slices = list(dict.fromkeys(table["slice"]))
-    columns = [("Variant", "l"), ("Items read", "r"), ("Window", "r"), ("State (B)", "r")]
-    columns += [(h, "c") for _ in slices for h in ("NDCG@10", "HR@10")]
-    groups = [("", 4)] + [(tex_escape(SLICE_HEADERS.get(s, s if not s.startswith(">") else f"users with {s}")), 2)
-                          for s in slices]
-    caption = ("Long-term holographic memory, test split, one seed: the encoder window alone, the same window plus "
-               "the memory over older items, and one window over all of them. State: bytes of recurrent state per "
-               "user.")
-    return PaperTable(caption, columns, blocks, groups=groups, size=r"\footnotesize", colsep="4pt")
+    for dataset, part in table.groupby("dataset", sort=False):
+        part = part.assign(label=[memory_label(*r) for r in part[["variant", "memory_len", "items_read"]].to_numpy()])
+        stats = seed_summary(part, ["label", "slice"], metrics + ["read_share"])
+        users = {s: int(part.loc[part["slice"] == s, "users"].iloc[0]) for s in slices if s in set(part["slice"])}
+        numbers.update({f"mem/{dataset}/{slug(s)}/users": tex_count(n) for s, n in users.items()})
+        rows = []
+        for label, group in part.groupby("label", sort=False):
+            first, base = group.iloc[0], f"mem/{dataset}/{slug(label)}"
+            numbers[f"{base}/state_bytes"] = tex_count(first["state_bytes"])
+            numbers[f"{base}/items_read"] = str(int(first["items_read"]))
+            share = stats.loc[(label, slices[0]), ("read_share", "mean")]
+            if np.isfinite(share):
+                numbers[f"{base}/read_share"] = f"{share:.2f}"
+            cells = [tex_escape(label), str(int(first["items_read"])), tex_count(first["state_bytes"])]
+            for s in slices:
+                if users.get(s, 0) < MEMORY_MIN_USERS:
+                    cells += ["--"] * len(metrics)
+                    continue
+                for metric in metrics:
+                    mean, std = stats.loc[(label, s), (metric, "mean")], stats.loc[(label, s), (metric, "std")]
+                    numbers[f"{base}/{slug(s)}/{metric}"] = f"{mean:.4f}"
+                    if np.isfinite(std):
+                        numbers[f"{base}/{slug(s)}/{metric}/std"] = f"{std:.4f}"
+                    cells.append(tex_metric(mean, std))
+            cells += [f"{share:.2f}" if np.isfinite(share) else "--", str(int(stats.loc[(label, slices[0]), ("seeds", "n")]))]
+            rows.append((cells, f"{dataset}/{label}"))
+        pairs = [(memory_label("window + memory", n, 0), "window", f"memory-minus-window-{int(n)}")
+                 for n in sorted(set(part.loc[part["variant"] == "window + memory", "memory_len"]))]
+        pairs += [("RAMRec", "SASRec", "ramrec-minus-sasrec")]
+        for extended, plain, name in pairs:
+            for s in users:
+                if (extended, s) in stats.index and (plain, s) in stats.index:
+                    for metric in metrics:
+                        gap = stats.loc[(extended, s), (metric, "mean")] - stats.loc[(plain, s), (metric, "mean")]
+                        numbers[f"mem/{dataset}/{name}/{slug(s)}/{metric}"] = signed(gap, 4)
+        blocks.append((users_title(dataset, users), rows))
+    columns = [("Variant", "l"), ("Items read", "r"), ("State (B)", "r")]
+    columns += [(h, "c") for _ in slices for h in ("NDCG@10", "HR@10")] + [("Read", "r"), ("Seeds", "r")]
+    groups = [("", 3)] + [(tex_escape(SLICE_HEADERS.get(s, s if not s.startswith(">") else f"users with {s}")), 2)
+                          for s in slices] + [("", 2)]
+    caption = ("Memory extensions against the models they extend, test split, mean and standard deviation over seeds. "
+               "HoloMamba: the 50-item encoder window alone, the same window plus the holographic memory over the "
+               "given number of older items, and one window over all of them; RAMRec against SASRec. State: bytes a "
+               "server keeps per user. Read: the memory read's norm over the residual stream's at the scored "
+               f"position. A slice with fewer than {MEMORY_MIN_USERS} users is left out (--).")
+    return PaperTable(caption, columns, blocks, groups=groups, size=r"\footnotesize", colsep="3pt")
 
 
 def table_presets(_, numbers):
