@@ -1640,6 +1640,11 @@ class Recommender(nn.Module):
         """(b, n_items) fp32 scores for items 1..n after the last position of each sequence."""
         return exact_scores(self(batch).hidden[:, -1], self.output_table()[1:])
 
+    def reads(self, batch):
+        """How much a memory extension uses its read at the last position of each row ({name: (b,) tensor});
+        {} for a model without a memory."""
+        return {}
+
     def set_scan_backend(self, name):
         """Models without a scan ignore it."""
 
@@ -1957,7 +1962,7 @@ class HoloMamba(Recommender):
         """How much the memory is used at the last position of each row: {gate: the read gate's mean opening,
         share: the added read's norm over the residual stream's}, each (b,)."""
         if self.memory is None:
-            raise ValueError("this HoloMamba has no memory (memory_slots=0)")
+            return {}
         x, memory, _ = self.memory_stream(batch)
         x, memory = x[:, -1].float(), memory[:, -1].float()
         read, gate = self.memory_read(x, memory)
@@ -2901,6 +2906,10 @@ class RunStore:
                       + ("some user repeats an item" if data.has_repeats else "no user repeats an item"), file=sys.stderr)
         return self.datasets[key]
 
+    def run_key(self, cfg, model_name, seed):
+        """A run's identity: (dataset, model, seed, hash of cfg as fitted to its data); run_name(*key) names its files."""
+        return cfg["dataset"], model_name, seed, run_hash(fitted_config(cfg, self.dataset(cfg)))
+
     def run(self, cfg, model_name, seed, distributed=True, reuse=None):
         """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
         rank the valid and test splits once with the best weights. Saved as a checkpoint and a JSON record. With
@@ -2911,8 +2920,7 @@ class RunStore:
         if fitted["max_len"] < cfg["max_len"]:
             print(f"[{cfg['dataset']}] max_len={cfg['max_len']} is longer than the longest history: using "
                   f"{fitted['max_len']}", file=sys.stderr)
-        cfg = fitted
-        key = (cfg["dataset"], model_name, seed, run_hash(cfg))
+        cfg, key = fitted, self.run_key(cfg, model_name, seed)
         if key in self.runs:
             return self.runs[key]
         device, tag = pick_device(cfg["device"]), f"[{cfg['dataset']} | {model_name} | seed {seed}]"
@@ -3238,7 +3246,7 @@ def grid_stage(store, configs):
         done = set(read_log(path)["trial"].astype(str))
         for i, trial in enumerate(tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process())):
             trial_cfg = cfg.replace(**trial)
-            trial_key = f"{dataset}|{run_hash(fitted_config(trial_cfg, store.dataset(trial_cfg)))}"  # = its run's hash
+            trial_key = f"{dataset}|{store.run_key(trial_cfg, 'HoloMamba', 0)[-1]}"  # = its run's hash
             if i % world != rank or trial_key in done or not claim_trial(path, trial_key):
                 continue
             try:
@@ -3548,8 +3556,7 @@ def memory_stage(store, configs):
                          ("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
         if "RAMRec" in models:
             variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec", 0, cfg)]
-        plan = [(seed, *v, run_name(cfg["dataset"], v[0], seed, run_hash(fitted_config(v[3], data))))
-                for seed in seeds(cfg) for v in variants]
+        plan = [(seed, *v, run_name(*store.run_key(v[3], v[0], seed))) for seed in seeds(cfg) for v in variants]
         for seed, name, _, _, config, key in plan:
             if claim_trial(log, key):
                 store.run(config, name, seed)
@@ -3601,8 +3608,6 @@ def state_bytes(model):
 @torch.no_grad()
 def memory_reads(model, split, batch_size):
     """model.reads over the split in batches ({name: (U,) tensor}); {} for a model without a memory."""
-    if not hasattr(model, "reads") or getattr(model, "memory", True) is None:
-        return {}
     model.eval()
     parts = [model.reads(Batch(split.inputs[i:i + batch_size], users=split.users[i:i + batch_size],
                                ends=split.ends[i:i + batch_size])) for i in range(0, len(split.inputs), batch_size)]
