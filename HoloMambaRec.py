@@ -261,6 +261,7 @@ CONFIG_TABLE = {
     "train_window": Key("last", "training", one_of("last", "random"), "training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)"),
     "attribute_loss": Key(0.0, "training", at_least(0), "weight of next-attribute prediction: each state, unbound by each field's role, classifies the next item's attribute of that field"),
     "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
+    "attribute_smoothing": Key(0.0, "training", fraction(), "HoloMamba: label smoothing toward the target's attribute neighbours: this share of the target's probability moves to the items that share its attributes (the items of each attribute equally, its attributes averaged); the shuffled control smooths toward its shuffled attributes, the item-only ablation ignores it"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
     "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
     "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
@@ -302,6 +303,8 @@ CROSS_CHECKS = [
     ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"],
      "needs --attribute_loss or --agreement_loss (the objectives it trains)"),
     ("pretrain_epochs", lambda c: c["pretrain_epochs"] < c["epochs"], "must be below epochs"),
+    ("attribute_smoothing", lambda c: c["label_smoothing"] + c["attribute_smoothing"] < 1,
+     "label_smoothing + attribute_smoothing must stay below 1 (the target keeps the rest)"),
     ("ramrec_k_max", lambda c: c["ramrec_k_max"] >= c["ramrec_k_min"], "must be >= ramrec_k_min"),
     ("ramrec_slots", lambda c: c["ramrec_slots"] >= c["ramrec_k_max"], "must be >= ramrec_k_max"),
     ("ramrec_writes", lambda c: c["ramrec_writes"] <= c["ramrec_slots"], "must be in [1, ramrec_slots]"),
@@ -417,7 +420,7 @@ class Config(Mapping):
 SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
 
 
-HASHED_WHEN_SET = ("pretrain_epochs",)
+HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing")
 
 
 def run_hash(cfg):
@@ -1636,6 +1639,11 @@ class Recommender(nn.Module):
         """(n_items + 1, d) output vectors; row 0 (padding) is never ranked."""
         return self.item_emb.weight
 
+    def attribute_neighbours(self, table):
+        """(n_items + 1, d): per item, the output vector that attribute smoothing moves probability toward; None
+        for a model that reads no attributes (attribute smoothing then leaves its loss alone)."""
+        return None
+
     def score_next(self, batch):
         """(b, n_items) fp32 scores for items 1..n after the last position of each sequence."""
         return exact_scores(self(batch).hidden[:, -1], self.output_table()[1:])
@@ -1893,6 +1901,23 @@ class HoloMamba(Recommender):
         if self.agreement_loss:
             loss = loss + self.agreement_loss * field_loss(self.item_vectors(targets))
         return loss
+
+    def attribute_neighbours(self, table):
+        """(n_items + 1, d): for each item, the mean over its attributes of the mean output vector of the items
+        that carry the attribute; the item's own vector where it has none. With uniform weights on the items of an
+        attribute, the smoothed target's expected logit is h · neighbour (see attribute_smoothing_term)."""
+        if not self.use_binding:
+            return None
+        attrs = self.item_attributes
+        slots = attrs.gt(1).to(table.dtype)  # 0 padding, 1 'no attribute'
+        sums = torch.zeros(self.attr_emb.num_embeddings, table.shape[1], device=table.device, dtype=table.dtype)
+        sums.index_add_(0, attrs.flatten(), (table.unsqueeze(1) * slots.unsqueeze(-1)).flatten(0, 1))
+        counts = torch.zeros(len(sums), device=table.device, dtype=table.dtype).index_add_(0, attrs.flatten(),
+                                                                                        slots.flatten())
+        centroids = sums / counts.clamp(min=1).unsqueeze(-1)
+        n_slots = slots.sum(-1, keepdim=True)
+        mean = (centroids[attrs] * slots.unsqueeze(-1)).sum(-2) / n_slots.clamp(min=1)
+        return torch.where(n_slots > 0, mean, table)
 
     @property
     def has_attribute_objectives(self):
@@ -2436,12 +2461,25 @@ def loss_path(cfg, n_items, device):
     return "chunked" if cfg["ce_chunk"] and n_items > cfg["ce_chunk"] else "torch"
 
 
-def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0):
+def attribute_smoothing_term(hidden, table, targets, neighbours):
+    """What attribute smoothing adds to the mean cross-entropy (targets 0 carry none): moving a share ε of the
+    target's probability to a distribution q over its attribute neighbours turns the row's loss
+    lse - z_t into lse - (1 - ε) z_t - ε Σ_j q_j z_j = (lse - z_t) + ε (z_t - h · c_t), with c_t = Σ_j q_j w_j
+    the neighbour vector of t (Recommender.attribute_neighbours); this returns the mean of z_t - h · c_t, in fp32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.float()
+        gap = (h * (table[targets] - neighbours[targets]).float()).sum(-1)
+        valid = targets.gt(0).to(gap.dtype)
+        return (gap * valid).sum() / valid.sum().clamp(min=1)
+
+
+def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0, neighbours=None):
     """Cross-entropy of each state's target (targets 0 carry no loss) plus the model's auxiliary loss: full
     softmax over all items (no host synchronisation, so the step can be captured in a CUDA graph; through the
     fused kernel of ce_kernel, or in chunks of ce_chunk items over a larger catalog), or sampled softmax with
     popularity-sampled negatives and logQ correction (cfg num_negatives > 0). item_weight scales the next-item
-    term (0 in attribute pre-training)."""
+    term (0 in attribute pre-training). With neighbours (the model's attribute_neighbours of table),
+    attribute_smoothing moves that share of each target's probability to its attribute neighbours."""
     hidden, targets = out.hidden, out.targets
     path = loss_path(cfg, len(table) - 1, hidden.device)
     if path == "cut-cross-entropy":
@@ -2454,6 +2492,8 @@ def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0):
         loss = F.cross_entropy(logits, targets.flatten() - 1, ignore_index=-1, label_smoothing=cfg["label_smoothing"])
     else:
         loss = sampled_cross_entropy(hidden, targets, table, item_log_q, cfg)
+    if cfg["attribute_smoothing"] and neighbours is not None:
+        loss = loss + cfg["attribute_smoothing"] * attribute_smoothing_term(hidden, table, targets, neighbours)
     return out.aux_loss + item_weight * loss
 
 
@@ -2490,8 +2530,9 @@ class EagerStep:
 
     def forward_backward(self, batch):
         with autocast(self.cfg, self.device):
-            loss = next_item_loss(self.runner(batch), self.model.output_table(), self.cfg, self.item_log_q,
-                                  self.item_weight)
+            table = self.model.output_table()
+            neighbours = self.model.attribute_neighbours(table) if self.cfg["attribute_smoothing"] else None
+            loss = next_item_loss(self.runner(batch), table, self.cfg, self.item_log_q, self.item_weight, neighbours)
         loss.backward()
         if self.cfg["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])

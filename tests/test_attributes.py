@@ -171,3 +171,67 @@ def test_attribute_pretraining_trains_only_the_attribute_objectives_and_skips_va
     assert [h["epoch"] for h in result.history] == [3]
     with pytest.raises(H.ConfigError, match="pretrain_epochs"):
         H.config("synthetic", pretrain_epochs=2)
+
+
+def explicit_neighbour_distribution(attrs, n_items):
+    """q[t, j] of attribute smoothing built by counting: for each attribute v > 1 of item t, mass 1 / (number of
+    t's attributes) spread equally over the items that carry v; the item itself where it has no attribute."""
+    q = torch.zeros(n_items + 1, n_items + 1, dtype=torch.float64)
+    for t in range(1, n_items + 1):
+        values = [v for v in attrs[t].tolist() if v > 1]
+        if not values:
+            q[t, t] = 1.0
+        for v in values:
+            carriers = [j for j in range(1, n_items + 1) if v in attrs[j].tolist()]
+            for j in carriers:
+                q[t, j] += 1.0 / len(values) / len(carriers)
+    return q
+
+
+@pytest.mark.parametrize("uniform", [0.0, 0.1])
+def test_attribute_smoothing_is_the_cross_entropy_of_the_smoothed_target(synthetic, uniform):
+    """The closed form (lse - z_t) + ε (z_t - h · c_t) equals the cross-entropy against the soft target
+    (1 - ε_u - ε) δ_t + ε_u / n + ε q_t, q_t built by counting the items that share t's attributes."""
+    eps = 0.3
+    model = model_of(synthetic).double()
+    table = model.output_table().detach()
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 7, D, generator=g, dtype=torch.float64)
+    targets = torch.randint(1, synthetic.n_items + 1, (3, 7), generator=g)
+    targets[0, :2] = 0  # padding carries no loss
+    cfg = H.config("synthetic", label_smoothing=uniform, attribute_smoothing=eps, device="cpu", ce_kernel="torch")
+    loss = H.next_item_loss(H.Output(hidden, targets), table, cfg, neighbours=model.attribute_neighbours(table))
+
+    n = synthetic.n_items
+    q = explicit_neighbour_distribution(model.item_attributes, n)[:, 1:]
+    keep = targets.flatten() > 0
+    t = targets.flatten()[keep]
+    soft = (1 - uniform - eps) * F.one_hot(t - 1, n).double() + uniform / n + eps * q[t]
+    assert torch.allclose(soft.sum(-1), torch.ones(len(t), dtype=torch.float64))
+    log_p = torch.log_softmax(hidden.flatten(0, 1)[keep] @ table[1:].T, -1)
+    expected = -(soft * log_p).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # the loss's softmax runs in fp32
+
+
+def test_attribute_smoothing_follows_the_attributes_the_model_reads(synthetic):
+    """The shuffled control smooths toward its shuffled attributes' neighbours; the item-only ablation reads no
+    attributes, so its loss is left alone; gradients reach the neighbours' vectors."""
+    holo, shuffled = model_of(synthetic), model_of(synthetic, "HoloMamba-Shuffled")
+    table = holo.output_table().detach()
+    assert not torch.allclose(holo.attribute_neighbours(table), shuffled.attribute_neighbours(table))
+    assert model_of(synthetic, "Mamba-ItemOnly", binding="item").attribute_neighbours(table) is None
+    cfg = H.config("synthetic", attribute_smoothing=0.2, device="cpu", ce_kernel="torch")
+    table = holo.output_table()
+    hidden = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    H.next_item_loss(H.Output(hidden, targets), table, cfg, neighbours=holo.attribute_neighbours(table)).backward()
+    carriers = (holo.item_attributes.unsqueeze(1) == holo.item_attributes[3][holo.item_attributes[3] > 1]
+                .view(1, -1, 1)).any(-1).any(-1)
+    others = carriers.nonzero().flatten()
+    others = others[~torch.isin(others, targets.flatten())]
+    assert len(others) > 0 and holo.item_emb.weight.grad[others].abs().sum() > 0
+
+
+def test_attribute_smoothing_leaves_room_for_the_target():
+    with pytest.raises(H.ConfigError, match="label_smoothing \\+ attribute_smoothing must stay below 1"):
+        H.config("synthetic", label_smoothing=0.5, attribute_smoothing=0.5)
