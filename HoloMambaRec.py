@@ -239,6 +239,7 @@ CONFIG_TABLE = {
     "dropout": Key(0.2, "model", fraction(), "dropout on embeddings and sublayer outputs"),
     "n_heads": Key(1, "model", above(0), "SASRec attention heads"),
     "binding": Key("item", "model", one_of("item", "roles", "both"), "HoloMamba's item vector: item (e + α·e ⊛ mean attribute, the paper) | roles (e + Σ_f g_f·role_f ⊛ attribute_f, one role per attribute field) | both"),
+    "frequency_mixing": Key(0, "model", at_least(0), "HoloMamba: popularity buckets (log2 of an item's training count, the last one open-ended), each with a learned weight on the item-specific part and one on the attribute part of the item vector, both starting at 1 (0 = off)"),
     "item_dropout": Key(0.0, "model", fraction(), "HoloMamba, training: drop the id part of an input item's vector with this probability, keeping its attributes"),
     "bundle_k": Key(1, "model", above(0), "temporal bundling window of HoloMamba in training and inference: k items -> 1 token (1 = off)"),
     "memory_slots": Key(0, "model", at_least(0), "HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)"),
@@ -300,6 +301,7 @@ CROSS_CHECKS = [
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
     ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
     ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
+    ("frequency_mixing", lambda c: c["binding"] != "item" or not c["frequency_mixing"], "needs --binding=roles or both"),
     ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"],
      "needs --attribute_loss or --agreement_loss (the objectives it trains)"),
     ("pretrain_epochs", lambda c: c["pretrain_epochs"] < c["epochs"], "must be below epochs"),
@@ -420,7 +422,7 @@ class Config(Mapping):
 SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
 
 
-HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing")
+HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing")
 
 
 def run_hash(cfg):
@@ -912,6 +914,7 @@ class Catalog(NamedTuple):
     item_attributes: torch.Tensor  # (n_items + 1, A) attribute ids, 0 = none; row 0 is padding
     attribute_fields: torch.Tensor | None = None  # (n_items + 1, A) field of each attribute (1..n_fields), 0 = none
     n_fields: int = 1
+    item_counts: torch.Tensor | None = None  # (n_items + 1,) training-split counts (popularity); None: unknown
 
 
 class EvalSplit(NamedTuple):
@@ -1012,7 +1015,7 @@ class SequenceData:
     @property
     def catalog(self):
         return Catalog(self.n_items, self.n_users, self.n_attributes, self.item_attributes,
-                       self.attribute_fields, self.n_fields)
+                       self.attribute_fields, self.n_fields, self.item_counts)
 
     def eval_split(self, which, length, exclude_seen=True, device="cpu"):
         """Leave-one-out split: 'valid' predicts the second-to-last item from the items before it, 'test' the
@@ -1788,6 +1791,11 @@ class HolographicMemory(nn.Module):
         return (miss * mask).sum() / mask.sum().clamp(min=1)
 
 
+def popularity_buckets(counts, n_buckets):
+    """Bucket of each item's training count: floor(log2(1 + count)), the last bucket open-ended (padding: 0)."""
+    return torch.log2(counts.double() + 1).floor().long().clamp(max=n_buckets - 1)
+
+
 class HoloMamba(Recommender):
     """Items bound to their attributes, then Mamba blocks with pre-norm residuals (and an optional feed-forward
     sublayer). The item vector (binding):
@@ -1801,6 +1809,8 @@ class HoloMamba(Recommender):
     attribute part of an item's score is the state unbound by each role, scored against the attribute. The
     attribute objectives train exactly that: attribute_loss asks each state, unbound by r_f, for the next item's
     attribute of field f; agreement_loss asks each target item's vector the same of its own attributes.
+    frequency_mixing=B weighs the two parts of e_i by the item's popularity bucket b(i) = min(floor(log2(1 + count)),
+    B - 1): e_i = u_b(i) · (item part) + s_b(i) · (role fillers), u and s learned, starting at 1.
     Optional: temporal bundling (bundle_k) and a long-term holographic memory (memory_slots) over memory_len
     older items."""
     name, recurrent, use_binding = "HoloMamba", True, True
@@ -1840,6 +1850,14 @@ class HoloMamba(Recommender):
             same_field = (fields[:, :, None] == fields[:, None, :]).sum(-1)  # values of the slot's field in the item
             self.register_buffer("slot_weights", fields.gt(0) / same_field.clamp(min=1), persistent=False)
             self.field_gain = nn.Parameter(torch.ones(catalog.n_fields + 1))
+        self.frequency_mixing = cfg["frequency_mixing"]
+        if self.frequency_mixing:
+            if catalog.item_counts is None:
+                raise ConfigError("--frequency_mixing needs the items' training counts, which this catalog lacks")
+            self.register_buffer("popularity_bucket", popularity_buckets(catalog.item_counts, self.frequency_mixing),
+                                 persistent=False)
+            self.item_mix = nn.Parameter(torch.ones(self.frequency_mixing))
+            self.attribute_mix = nn.Parameter(torch.ones(self.frequency_mixing))
 
     def set_scan_backend(self, name):
         self.scan_backend = name
@@ -1858,7 +1876,12 @@ class HoloMamba(Recommender):
         if drop:
             e = e * (torch.rand(ids.shape, device=ids.device) >= drop).unsqueeze(-1).to(e.dtype)
         if self.use_binding and self.binding != "item":
-            e = e + self.role_fillers(ids)
+            fillers = self.role_fillers(ids)
+            if self.frequency_mixing:  # how much of each part an item of this popularity gets
+                bucket = self.popularity_bucket[ids]
+                e = e * self.item_mix[bucket].unsqueeze(-1).to(e.dtype)
+                fillers = fillers * self.attribute_mix[bucket].unsqueeze(-1).to(fillers.dtype)
+            e = e + fillers
         return e
 
     def bound_attributes(self):
@@ -2845,7 +2868,8 @@ def save(model, path, **info):
     payload = {"format": "holomambarec", "version": __version__, "model": model.name, "config": dict(model.config),
                "catalog": {"n_items": catalog.n_items, "n_users": catalog.n_users, "n_attributes": catalog.n_attributes,
                            "item_attributes": catalog.item_attributes.cpu(), "n_fields": catalog.n_fields,
-                           "attribute_fields": None if catalog.attribute_fields is None else catalog.attribute_fields.cpu()},
+                           "attribute_fields": None if catalog.attribute_fields is None else catalog.attribute_fields.cpu(),
+                           "item_counts": None if catalog.item_counts is None else catalog.item_counts.cpu()},
                "index": None if model.index is None else model.index.payload(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info}
     with atomic_path(path) as tmp:

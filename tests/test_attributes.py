@@ -1,4 +1,6 @@
 """Attributes that pay: role-filler binding, the attribute objectives, item dropout and the shuffled control."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,3 +237,39 @@ def test_attribute_smoothing_follows_the_attributes_the_model_reads(synthetic):
 def test_attribute_smoothing_leaves_room_for_the_target():
     with pytest.raises(H.ConfigError, match="label_smoothing \\+ attribute_smoothing must stay below 1"):
         H.config("synthetic", label_smoothing=0.5, attribute_smoothing=0.5)
+
+
+def test_frequency_mixing_starts_as_the_model_without_it_and_weighs_each_popularity_bucket(synthetic):
+    """Buckets are floor(log2(1 + training count)), the last open-ended; with every weight at 1 the item vectors are
+    those of the model without mixing; a bucket's weights change that bucket's items only, each its own part."""
+    plain, mixed = model_of(synthetic), model_of(synthetic, frequency_mixing=4)
+    counts = synthetic.item_counts.tolist()
+    assert mixed.popularity_bucket.tolist() == [min(int(math.log2(1 + c)), 3) for c in counts]
+    assert len(set(mixed.popularity_bucket[1:].tolist())) > 1  # the synthetic items span several buckets
+    ids = torch.arange(1, synthetic.n_items + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.item_vectors(ids), plain.item_vectors(ids), rtol=0, atol=0)
+        mixed.attribute_mix[2] = 0.0
+        mixed.item_mix[1] = 0.5
+        vectors, bucket = mixed.item_vectors(ids), mixed.popularity_bucket[ids]
+        x, fillers = plain.item_emb(ids), plain.role_fillers(ids)
+        torch.testing.assert_close(vectors[bucket == 2], x[bucket == 2])  # roles binding: e = x + fillers
+        torch.testing.assert_close(vectors[bucket == 1], 0.5 * x[bucket == 1] + fillers[bucket == 1])
+        others = (bucket != 1) & (bucket != 2)
+        torch.testing.assert_close(vectors[others], plain.item_vectors(ids)[others], rtol=0, atol=0)
+    mixed.item_vectors(ids).sum().backward()
+    assert mixed.item_mix.grad.abs().sum() > 0 and mixed.attribute_mix.grad.abs().sum() > 0
+    with pytest.raises(H.ConfigError, match="--frequency_mixing=4: needs --binding=roles or both"):
+        H.config("synthetic", frequency_mixing=4)
+
+
+def test_a_frequency_mixed_model_saves_and_loads_with_its_buckets(synthetic, tmp_path):
+    model = model_of(synthetic, frequency_mixing=6)
+    with torch.no_grad():
+        model.attribute_mix[3] = 2.0
+    H.save(model, tmp_path / "m.pt")
+    loaded = H.load(tmp_path / "m.pt")
+    assert torch.equal(loaded.popularity_bucket, model.popularity_bucket)
+    ids = torch.arange(1, synthetic.n_items + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.item_vectors(ids), model.item_vectors(ids), rtol=0, atol=0)
