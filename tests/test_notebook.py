@@ -84,7 +84,7 @@ def test_accuracy_table_holds_every_dataset_model_config_with_three_seeds(ns):
     for r in rows:
         runs[(r["dataset"], r["model"], r["config"])][r["seed"]] = r
     table = ns["accuracy_table"]
-    assert set(table.index) == set(runs) and len(table) == len(runs) == 22
+    assert set(table.index) == set(runs) and len(table) == len(runs) == 26
     assert all(len(seeds) == 3 for seeds in runs.values())
     assert (table["seeds"] == 3).all()
     for key, seeds in runs.items():
@@ -151,7 +151,7 @@ def test_learning_curves_plot_every_best_run(ns):
     assert [ax.get_title() for ax in axes] == list(runs)
     for ax in axes:
         assert len(ax.lines) == len(runs[ax.get_title()])
-    assert {d: len(r) for d, r in runs.items()} == {"ml-1m": 33, "amazon-beauty": 33}  # ML-1M: 5 (+2 re-run, +4 smoothing) configs x 3 seeds
+    assert {d: len(r) for d, r in runs.items()} == {"ml-1m": 33, "amazon-beauty": 45}  # 5 (+2 re-run, +4 smoothing; Beauty +4 attribute) configs x 3 seeds
 
 
 def test_readme_accuracy_table_is_the_result_files():
@@ -172,4 +172,4 @@ def test_readme_accuracy_table_is_the_result_files():
             values = [float(r[m]) for r in mine]
             assert cell.replace("*", "") == f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}", (line, m)
         checked += 1
-    assert checked == 21  # 22 configs in accuracy.csv; the control of `binding=both` is in the Attributes section
+    assert checked == 25  # 26 configs in accuracy.csv; the control of `binding=both` is in the Attributes section
