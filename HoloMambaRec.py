@@ -35,6 +35,7 @@ import ast
 import contextlib
 import copy
 import csv
+import datetime
 import functools
 import gc
 import gzip
@@ -77,7 +78,7 @@ __version__ = "0.2.0"
 # changes the defaults of every later call. Lists are comma-separated strings, so a config is plain data,
 # stored in every checkpoint and every run record.
 STAGE_NAMES = ("benchmark", "ablation", "grid", "compression", "efficiency", "memory", "stats", "figures", "recommend",
-               "paper")
+               "paper", "ddp")
 MODEL_NAMES = ("HoloMamba", "Mamba-ItemOnly", "SASRec", "GRU4Rec", "RAMRec", "HoloMamba-Shuffled")
 BUILTIN_DATASETS = ("ml-1m", "amazon-beauty", "synthetic")
 METRIC_KS = (5, 10, 20)
@@ -1857,6 +1858,13 @@ class HoloMamba(Recommender):
                                  persistent=False)
             self.item_mix = nn.Parameter(torch.ones(self.frequency_mixing))
             self.attribute_mix = nn.Parameter(torch.ones(self.frequency_mixing))
+        # what this variant never reads is frozen (AdamW skips it either way); DDP would wait for its gradient
+        unread = ["alpha"] if self.binding == "roles" else []
+        if not self.use_binding:
+            unread = ["alpha", "attr_emb.weight", "field_gain", "item_mix", "attribute_mix"]
+        for name, param in self.named_parameters():
+            if name in unread:
+                param.requires_grad_(False)
 
     def set_scan_backend(self, name):
         self.scan_backend = name
@@ -2642,6 +2650,8 @@ class FitResult:
     best_state: dict
     history: list
     train_seconds: float
+    world_size: int = 1  # ranks that trained it (DDP)
+    graphed: bool = False  # the step was a replayed CUDA graph
 
     @property
     def best_epoch(self):
@@ -2660,9 +2670,11 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     """Train `model` on data's training windows with AdamW and early stopping on validation NDCG@10; returns a
     FitResult (the model keeps its last weights: load result.best_state for the best). cfg defaults to the
     config the model was built with; keyword overrides change training keys (fit(model, data, epochs=5)).
-    With distributed=True under torchrun the model is wrapped in DistributedDataParallel and each rank trains
-    on its share of every epoch's users. Ctrl-C raises Interrupted with the training state, which `resume`
-    takes back to continue after the last finished epoch."""
+    With distributed=True under torchrun the model is wrapped in DistributedDataParallel and the recipe stays
+    the one-process recipe: batch_size is the global batch, each of the W ranks takes every W-th sequence of
+    it (batch_size / W) and DDP averages their gradients, so the steps, their number and the learning rate
+    are those of one process. Ctrl-C raises Interrupted with the training state, which `resume` takes back
+    to continue after the last finished epoch."""
     cfg = Config(cfg if cfg is not None else model.config).replace(**overrides)
     device = model_device(model)
     windows = TrainingWindows(data, model.input_len, device, cfg["max_len"])
@@ -2672,11 +2684,14 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if model.reads_users:  # DDP would broadcast rank 0's bank over the others' at every step
             raise ConfigError(f"{model.name} keeps its per-user memory in one process: run it without torchrun")
+        if cfg["batch_size"] % world:
+            raise ConfigError(f"--batch_size={cfg['batch_size']} is the global batch and must split evenly over the "
+                              f"{world} ranks: give a multiple of {world}")
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         runner = torch.compile(runner)
-    step = make_train_step(model, runner, cfg, popularity_log_q(data.item_counts, device),
-                           math.ceil(data.n_users / world / cfg["batch_size"]))
+    step = make_train_step(model, runner, cfg.replace(batch_size=cfg["batch_size"] // world),
+                           popularity_log_q(data.item_counts, device), math.ceil(data.n_users / cfg["batch_size"]))
     generator = torch.Generator().manual_seed(torch.initial_seed())
     history, best, best_state, stale, first, train_seconds, earlier = [], -1.0, None, 0, 0, 0.0, 0.0
     if resume is not None:  # continue an interrupted run after its last finished epoch
@@ -2696,12 +2711,17 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             epoch_start = time.perf_counter()
             ends = windows.window_ends(cfg["train_window"], generator)
             train_x, train_y = windows.cut(ends)
-            order = torch.randperm(len(train_x), generator=generator).to(device)[rank::world]
+            order = torch.randperm(len(train_x), generator=generator).to(device)
             total = torch.zeros((), device=device)
             for i in range(0, len(order), cfg["batch_size"]):
-                idx = order[i:i + cfg["batch_size"]]
+                if len(order) - i < world:  # a last batch too short to give every rank a row (at most W - 1 left out)
+                    break
+                idx = order[i:i + cfg["batch_size"]][rank::world]
                 users = (idx, ends[idx] - 1) if model.reads_users else ()  # inputs end one before the window
                 total += step(Batch(train_x[idx], train_y[idx], *users))
+            if world > 1:  # the history's loss is the mean over all ranks
+                torch.distributed.all_reduce(total)
+                total /= world
             synchronize(device)
             train_seconds += time.perf_counter() - epoch_start
             if pretraining or ((epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]):
@@ -2722,6 +2742,10 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             reason = ("patience" if stale >= cfg["patience"] else
                       "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
                       "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
+            if world > 1:  # rank 0 decides: a rank whose clock stopped it alone would leave the others waiting
+                decision = [reason]
+                torch.distributed.broadcast_object_list(decision, src=0)
+                reason = decision[0]
             history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
             if reason:
                 break
@@ -2730,7 +2754,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
                            "optimizer": step.optimizer.state_dict(), "best_state": best_state, "history": history,
                            "best": best, "stale": stale, "epoch": history[-1]["epoch"] if history else first,
                            "train_seconds": train_seconds, "seconds": time.perf_counter() - start}) from None
-    return FitResult(best_state, history, train_seconds)
+    return FitResult(best_state, history, train_seconds, world, isinstance(step, GraphedStep))
 
 
 # =====================================================================================================
@@ -2936,6 +2960,8 @@ class Run:
     checkpoint: str
     cfg: dict
     data_fingerprint: str = ""
+    world_size: int = 1  # ranks that trained it (DDP under torchrun)
+    graphed: bool = False  # its training step was a replayed CUDA graph
     ranks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -3001,6 +3027,7 @@ class RunStore:
         if stored:
             load_weights(model, read_checkpoint(checkpoint)["state_dict"], checkpoint)
             info = {k: stored[k] for k in ("epochs", "stopped_by", "best_epoch", "train_seconds", "history")}
+            info.update({k: stored.get(k, v) for k, v in (("world_size", 1), ("graphed", False))})
             tqdm.write(f"{tag} resumed from {checkpoint}", file=sys.stderr)
         else:
             state = self.interrupted(partial, key, data, tag) if reuse else None
@@ -3017,7 +3044,8 @@ class RunStore:
                 raise
             load_weights(model, result.best_state, checkpoint)
             info = {"epochs": result.epochs, "stopped_by": result.stopped_by, "best_epoch": result.best_epoch,
-                    "train_seconds": round(time.perf_counter() - start, 2), "history": result.history}
+                    "train_seconds": round(time.perf_counter() - start, 2), "history": result.history,
+                    "world_size": result.world_size, "graphed": result.graphed}
         ranks = {split: rank_targets(model, data.eval_split(split, model.input_len, excludes_seen(cfg, data), device), cfg).cpu()
                  for split in ("valid", "test")}
         run = Run(cfg["dataset"], model_name, seed, key[-1], scan_backend=model.scan_backend,
@@ -3194,9 +3222,10 @@ def read_results(path):
         raise DataError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc}); move it away and rerun") from None
 
 
-def upsert_csv(path, rows, key):
+def upsert_csv(path, rows, key, derive=None):
     """Merge rows into a CSV, replacing earlier rows with the same key columns; written atomically, under
-    the folder's lock, so concurrent runs writing to one results folder lose no rows."""
+    the folder's lock, so concurrent runs writing to one results folder lose no rows. derive(table) -> table
+    may add columns computed across the merged rows before it is written."""
     path = Path(path)
     new = pd.DataFrame(rows)
     with folder_lock(path.parent):
@@ -3205,6 +3234,8 @@ def upsert_csv(path, rows, key):
             keys = set(map(tuple, new[key].astype(str).to_numpy()))
             old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
             new = pd.concat([old, new], ignore_index=True)
+        if derive is not None:
+            new = derive(new)
         write_csv(path, new.to_dict("records"))
     return new
 
@@ -3302,18 +3333,21 @@ def grid_trials(cfg):
 
 def grid_stage(store, configs):
     """HoloMamba over the grid on every dataset (first seed). Each finished trial is appended to grid_csv at
-    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun, trials are dealt out
-    across ranks (one GPU each). Selection is on validation NDCG@10; test is reported beside it."""
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
-        if torch.distributed.is_initialized() else (1, 0)
+    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun (or in several processes
+    sharing one grid log), each process takes the next trial nobody has claimed, so the trials are dealt out
+    as the processes free up and a killed process's unfinished trial is taken again by a rerun. Selection is
+    on validation NDCG@10; test is reported beside it."""
     best, path = {}, store.grid_csv
+    # ranks wait for the slowest one's last trial, which may take hours: a CPU group that waits that long
+    patient = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) \
+        if torch.distributed.is_initialized() else None
     for cfg in configs:
         dataset = cfg["dataset"]
         done = set(read_log(path)["trial"].astype(str))
-        for i, trial in enumerate(tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process())):
+        for trial in tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process()):
             trial_cfg = cfg.replace(**trial)
             trial_key = f"{dataset}|{store.run_key(trial_cfg, 'HoloMamba', 0)[-1]}"  # = its run's hash
-            if i % world != rank or trial_key in done or not claim_trial(path, trial_key):
+            if trial_key in done or not claim_trial(path, trial_key):
                 continue
             try:
                 run = store.run(trial_cfg, "HoloMamba", seeds(cfg)[0], distributed=False)
@@ -3326,8 +3360,8 @@ def grid_stage(store, configs):
                                   **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
                                   "best_epoch": run.best_epoch, "epochs": run.epochs, "stopped_by": run.stopped_by,
                                   "train_seconds": run.train_seconds})
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        if patient is not None:
+            torch.distributed.barrier(group=patient)
         table = read_log(path)
         table = table[(table["dataset"] == dataset) & table.get("valid_ndcg@10", pd.Series(dtype=float)).notna()]
         if len(table):
@@ -3590,6 +3624,143 @@ def measure_training(model, cfg, batch, item_log_q=None):
     with PeakMemory(model_device(model)) as peak:
         step(batch)
     return timed(lambda: step(batch), model_device(model), repeats=3), peak.mb
+
+
+def world_and_rank():
+    """(ranks, this rank) of the torchrun process group, (1, 0) without one."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def gathered(value):
+    """value from every rank, in rank order ([value] without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def rank_peaks(device):
+    """Peak GPU memory (MB) of every rank since its reset_peak: {per rank ('1200.5;1187.0'), max}; blank on CPU."""
+    if device.type != "cuda":
+        return {"peak_mem_mb_per_rank": "", "peak_mem_mb_max": float("nan")}
+    peaks = gathered(round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+    return {"peak_mem_mb_per_rank": ";".join(map(str, peaks)), "peak_mem_mb_max": max(peaks)}
+
+
+def hardware(device):
+    """What the ranks ran on, e.g. '2 x NVIDIA H200' or 'cpu'."""
+    world, _ = world_and_rank()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{world} x {name}" if world > 1 else name
+
+
+DDP_KEY = ["what", "dataset", "model", "world_size", "step", "max_len"]
+
+
+def ddp_stage(store, configs):
+    """The multi-GPU check, run once as one process and once under torchrun; both fill results/ddp.csv.
+    1. Each model of --models on every dataset (first seed), trained by this invocation's ranks with the
+       one-process recipe (batch_size is the global batch: see fit), its runs kept apart by world size and
+       step under <results_dir>/ddp/ and <checkpoint_dir>/ddp/: seconds per training epoch, the peak GPU
+       memory of every rank, valid and test metrics, and the test NDCG@10 of its checkpoint reloaded in one
+       process on the CPU and on this device.
+    2. One training step of each model at the longest of efficiency_lengths (the efficiency stage's batch,
+       split over the ranks): step time and peak memory of every rank.
+    A torchrun row gets its speed-up over the one-process row with the same step (eager or graphed, if there)
+    and its scaling efficiency (speed-up / ranks), and the speed-up over the graphed one-process row."""
+    world, rank = world_and_rank()
+    device = pick_device(store.cfg["device"])
+    step_name = "eager" if world > 1 or device.type != "cuda" or not store.cfg["cuda_graphs"] else "graphed"
+    folder = Path("ddp") / f"ranks{world}-{step_name}"
+    sub = RunStore(store.cfg.replace(results_dir=str(store.results_dir / folder),
+                                     checkpoint_dir=str(store.checkpoint_dir / folder)), store.given)
+    sub.datasets = store.datasets
+    rows = []
+    common = {"world_size": world, "backend": torch.distributed.get_backend() if world > 1 else "none",
+              "hardware": hardware(device)}
+    for cfg in configs:
+        data = store.dataset(cfg)
+        for name in as_list(cfg["models"]):
+            reset_peak(device)
+            run = sub.run(cfg, name, seeds(cfg)[0])
+            row = {"what": "training run", "dataset": cfg["dataset"], "model": name, **common,
+                   "step": "graphed" if run.graphed else "eager", "max_len": run.cfg["max_len"],
+                   "batch": cfg["batch_size"], "batch_per_rank": cfg["batch_size"] // world, "config": run.config,
+                   "epochs": run.epochs, "best_epoch": run.best_epoch, "stopped_by": run.stopped_by,
+                   "epoch_seconds": run.history[-1]["train_seconds"] / run.history[-1]["epoch"],
+                   "wall_seconds": run.train_seconds, **rank_peaks(device),
+                   **{f"{split}_{m}": run.metrics[split][m] for split in ("valid", "test") for m in ("hr@10", "ndcg@10")}}
+            if is_main_process():  # the checkpoint in a fresh process's hands: the CPU, then one device
+                for where in ("cpu", str(device)) if device.type != "cpu" else ("cpu",):
+                    row[f"reload_{where.split(':')[0]}_test_ndcg@10"] = evaluate(load(run.checkpoint, where), data, "test", cfg)["ndcg@10"]
+            rows.append(row)
+            if world > 1:
+                torch.distributed.barrier()
+    length = max(as_list(store.cfg["efficiency_lengths"], int))
+    batch = min(store.cfg["efficiency_batch"], max(1, store.cfg["efficiency_tokens"] // length))
+    batch = max(world, batch - batch % world)
+    for name in as_list(store.cfg["models"]):
+        cfg = store.cfg.replace(max_len=length, batch_size=batch)
+        rows.append({"what": "training step", "dataset": "synthetic catalog", "model": name, **common,
+                     "max_len": length, "batch": batch, "batch_per_rank": batch // world,
+                     **measure_ddp_step(name, cfg, device)})
+    if not is_main_process():
+        return rows
+    table = upsert_csv(store.results_dir / "ddp.csv", rows, DDP_KEY, with_speedups)
+    print(table.to_string(index=False))
+    return rows
+
+
+def measure_ddp_step(name, cfg, device):
+    """Median milliseconds of a training step of `name` on cfg['batch_size'] sequences of cfg['max_len'] items
+    split over the ranks (DDP when there are several), and the peak GPU memory of each rank in its first step."""
+    world, rank = world_and_rank()
+    set_seed(0)
+    model = build_model(name, catalog_only(cfg["efficiency_items"]), cfg, device)
+    runner = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    step = make_train_step(model, runner, cfg.replace(batch_size=cfg["batch_size"] // world))
+    batch = fake_batch(cfg["efficiency_items"], cfg["batch_size"] // world, cfg["max_len"], device,
+                       torch.Generator().manual_seed(rank))
+    model.train()
+    reset_peak(device)
+    step(batch)
+    peaks = rank_peaks(device)
+    seconds = timed(lambda: step(batch), device, repeats=5)
+    return {"step": "graphed" if isinstance(step, GraphedStep) else "eager", "step_ms": 1000 * max(gathered(seconds)),
+            **peaks}
+
+
+def with_speedups(table):
+    """ddp.csv with, on each row of several ranks, the speed-up over the one-process row of the same measure
+    and step, the scaling efficiency (that speed-up / ranks) and the speed-up over the graphed one-process row
+    (seconds per epoch for runs, step time for steps)."""
+    table = table.drop(columns=[c for c in ("speedup", "scaling_efficiency", "speedup_vs_graphed") if c in table])
+
+    def time_of(row):
+        return row["epoch_seconds"] if row["what"] == "training run" else row["step_ms"]
+
+    single = {(r["what"], r["dataset"], r["model"], r["step"]): time_of(r)
+              for _, r in table.iterrows() if int(r["world_size"]) == 1}
+    for i, r in table.iterrows():
+        if int(r["world_size"]) > 1:
+            same = single.get((r["what"], r["dataset"], r["model"], r["step"]))
+            graphed = single.get((r["what"], r["dataset"], r["model"], "graphed"))
+            if same:
+                table.loc[i, "speedup"] = same / time_of(r)
+                table.loc[i, "scaling_efficiency"] = same / time_of(r) / int(r["world_size"])
+            if graphed:
+                table.loc[i, "speedup_vs_graphed"] = graphed / time_of(r)
+    return table
 
 
 def memory_stage(store, configs):
@@ -4309,7 +4480,8 @@ def paper_stage(store, configs):
 
 STAGES = {"benchmark": benchmark_stage, "ablation": ablation_stage, "grid": grid_stage,
           "compression": compression_stage, "efficiency": efficiency_stage, "memory": memory_stage,
-          "stats": stats_stage, "figures": figures_stage, "recommend": recommend_stage, "paper": paper_stage}
+          "stats": stats_stage, "figures": figures_stage, "recommend": recommend_stage, "paper": paper_stage,
+          "ddp": ddp_stage}
 assert tuple(STAGES) == STAGE_NAMES
 
 
@@ -4646,7 +4818,7 @@ def setup_distributed(overrides):
     return dict(overrides, device="cpu")
 
 
-OUTPUT_STAGES = {"benchmark", "ablation", "grid", "compression", "efficiency", "memory", "figures", "recommend"}
+OUTPUT_STAGES = {"benchmark", "ablation", "grid", "compression", "efficiency", "memory", "figures", "recommend", "ddp"}
 
 
 def check_outputs(cfg, stages):
@@ -4697,9 +4869,11 @@ def main(argv=None):
         store = RunStore(base, given=overrides)
         for stage in stages:
             STAGES[stage](store, configs)
-        if is_main_process() and not set(stages) <= {"stats", "recommend", "paper"}:
+        if is_main_process() and not set(stages) <= {"stats", "recommend", "paper", "ddp"}:
             for path in plot_figures(base):
                 print(f"figure: {path}", file=sys.stderr)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank is done before any closes its connections
     except ArgumentParser.Exit as exc:
         return exc.status
     except (ConfigError, DataError, TrainingError) as exc:
