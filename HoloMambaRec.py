@@ -3676,7 +3676,8 @@ def ddp_stage(store, configs):
     2. One training step of each model at the longest of efficiency_lengths (the efficiency stage's batch,
        split over the ranks): step time and peak memory of every rank.
     A torchrun row gets its speed-up over the one-process row with the same step (eager or graphed, if there)
-    and its scaling efficiency (speed-up / ranks), and the speed-up over the graphed one-process row."""
+    and its scaling efficiency (speed-up / ranks), and the speed-up over the graphed one-process row. Each row
+    is written as soon as it is measured, so a stage cut short keeps the rows it finished."""
     world, rank = world_and_rank()
     device = pick_device(store.cfg["device"])
     step_name = "eager" if world > 1 or device.type != "cuda" or not store.cfg["cuda_graphs"] else "graphed"
@@ -3702,7 +3703,7 @@ def ddp_stage(store, configs):
             if is_main_process():  # the checkpoint in a fresh process's hands: the CPU, then one device
                 for where in ("cpu", str(device)) if device.type != "cpu" else ("cpu",):
                     row[f"reload_{where.split(':')[0]}_test_ndcg@10"] = evaluate(load(run.checkpoint, where), data, "test", cfg)["ndcg@10"]
-            rows.append(row)
+            rows.append(keep_ddp_row(store, row))
             if world > 1:
                 torch.distributed.barrier()
     length = max(as_list(store.cfg["efficiency_lengths"], int))
@@ -3710,14 +3711,19 @@ def ddp_stage(store, configs):
     batch = max(world, batch - batch % world)
     for name in as_list(store.cfg["models"]):
         cfg = store.cfg.replace(max_len=length, batch_size=batch)
-        rows.append({"what": "training step", "dataset": "synthetic catalog", "model": name, **common,
-                     "max_len": length, "batch": batch, "batch_per_rank": batch // world,
-                     **measure_ddp_step(name, cfg, device)})
-    if not is_main_process():
-        return rows
-    table = upsert_csv(store.results_dir / "ddp.csv", rows, DDP_KEY, with_speedups)
-    print(table.to_string(index=False))
+        rows.append(keep_ddp_row(store, {"what": "training step", "dataset": "synthetic catalog", "model": name,
+                                         **common, "max_len": length, "batch": batch, "batch_per_rank": batch // world,
+                                         **measure_ddp_step(name, cfg, device)}))
+    if is_main_process():
+        print(read_results(store.results_dir / "ddp.csv").to_string(index=False))
     return rows
+
+
+def keep_ddp_row(store, row):
+    """row merged into results/ddp.csv (by the main process), speed-ups recomputed; returned."""
+    if is_main_process():
+        upsert_csv(store.results_dir / "ddp.csv", [row], DDP_KEY, with_speedups)
+    return row
 
 
 def measure_ddp_step(name, cfg, device):
