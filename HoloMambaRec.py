@@ -282,8 +282,8 @@ CONFIG_TABLE = {
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
     "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else torch) | cce (that kernel: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
-    "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up / compile)"),
-    "compile": Key(False, "system", None, "torch.compile the model"),
+    "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
+    "compile": Key(False, "system", None, "torch.compile the model's training forward (fused element-wise kernels; on CUDA the step is still captured as a CUDA graph)"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
     "cache_dir": Key(os.environ.get("HOLOMAMBA_CACHE_DIR", "data/cache"), "system", None, "prepared datasets, keyed by the source files' checksums and the data keys, so a file is parsed once ('' = off; env HOLOMAMBA_CACHE_DIR sets the default)"),
     "download": Key(True, "system", None, "download missing official files into data_dir (needs internet)"),
@@ -2635,8 +2635,17 @@ def graph_blockers(model, runner, cfg, device):
     return [why for why, blocked in (
         ("not on CUDA", device.type != "cuda"), ("--cuda_graphs=false", not cfg["cuda_graphs"]),
         ("sampled softmax draws negatives on the host", cfg["num_negatives"] > 0),
-        ("DDP / torch.compile wrapper", runner is not model), ("learning-rate warm-up", cfg["warmup_epochs"] > 0),
+        ("DDP wrapper", in_ddp(runner)), ("learning-rate warm-up", cfg["warmup_epochs"] > 0),
         (f"{model.name} changes its state in place", not model.graph_safe)) if blocked]
+
+
+def in_ddp(runner):
+    """Whether runner (a model, or a torch.compile / DDP wrapper of one) trains under DistributedDataParallel."""
+    while runner is not None:
+        if isinstance(runner, nn.parallel.DistributedDataParallel):
+            return True
+        runner = getattr(runner, "_orig_mod", None)
+    return False
 
 
 def make_train_step(model, runner, cfg, item_log_q=None, steps_per_epoch=1):
@@ -3491,21 +3500,20 @@ def efficiency_stage(store, configs):
     results/efficiency*.csv."""
     cfg = store.cfg
     device = pick_device(cfg["device"])
-    rows = []
+    rows, catalog = [], []  # each row is written as soon as it is measured: a stage cut short keeps what it finished
     for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
         batch = min(cfg["efficiency_batch"], max(1, cfg["efficiency_tokens"] // length))
         for name in ("HoloMamba", "SASRec", "GRU4Rec"):
             key = {"model": name, "max_len": length, "batch": batch, "device": str(device)}
             rows.append(measured_or_skipped(key, measure_model, name, cfg.replace(max_len=length, efficiency_batch=batch),
                                             device))
-    upsert_csv(store.results_dir / "efficiency.csv", rows, ["model", "max_len", "batch", "device"])
-    catalog = []
+            upsert_csv(store.results_dir / "efficiency.csv", rows[-1:], ["model", "max_len", "batch", "device"])
     for n in as_list(cfg["efficiency_catalogs"], int):
         for negatives in (0, cfg["efficiency_negatives"]):
             key = {"n_items": n, "softmax": "full" if negatives == 0 else f"sampled ({negatives})", "device": str(device)}
             catalog.append(measured_or_skipped(key, measure_catalog, cfg.replace(max_len=50, num_negatives=negatives),
                                                n, device))
-    upsert_csv(store.results_dir / "efficiency_catalog.csv", catalog, ["n_items", "softmax", "device"])
+            upsert_csv(store.results_dir / "efficiency_catalog.csv", catalog[-1:], ["n_items", "softmax", "device"])
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame(catalog).to_string(index=False))
     for dataset_cfg in configs:
@@ -3573,7 +3581,8 @@ def measure_model(name, cfg, device):
         many = torch.randint(1, n_items + 1, (STREAM_USERS, 2), device=device)
         events_per_s = STREAM_USERS * 1000 / streaming_step_ms(model, many, device) if model.recurrent else None
     return {"model": name, "max_len": cfg["max_len"], "batch": cfg["efficiency_batch"], "device": str(device),
-            "scan_backend": model.scan_backend, "train_seqs_per_s": cfg["efficiency_batch"] / train_s,
+            "scan_backend": model.scan_backend, "compiled": cfg["compile"],
+            "train_seqs_per_s": cfg["efficiency_batch"] / train_s,
             "train_step_ms": 1000 * train_s, "train_peak_mem_mb": peak_mb,
             "peak_kb_per_token": 1024 * peak_mb / (cfg["efficiency_batch"] * cfg["max_len"]),
             "batch_infer_ms": 1000 * infer_s, "stream_step_ms": step_ms, "stream_events_per_s": events_per_s,
@@ -3613,13 +3622,13 @@ def measure_catalog(cfg, n_items, device):
     step_s, peak_mb = measure_training(model, cfg, fake_batch(n_items, batch, cfg["max_len"], device, generator), log_q)
     with autocast(cfg, device):
         path = loss_path(cfg, n_items, device)
-    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": path}
+    return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": path, "compiled": cfg["compile"]}
 
 
 def measure_training(model, cfg, batch, item_log_q=None):
     """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next."""
     cfg = cfg.replace(batch_size=len(batch.items))  # a graphed step pads any batch up to batch_size
-    step = make_train_step(model, model, cfg, item_log_q)
+    step = make_train_step(model, torch.compile(model) if cfg["compile"] else model, cfg, item_log_q)
     model.train()
     with PeakMemory(model_device(model)) as peak:
         step(batch)

@@ -91,9 +91,10 @@ def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-def step_losses(name, graphs, resume_after=0):
-    """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step. With resume_after=n,
-    an eager step trains the first n batches and hands its optimizer state to the step under test."""
+def step_losses(name, graphs, resume_after=0, compiled=False):
+    """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step (of the model, or of
+    torch.compile of it). With resume_after=n, an eager step trains the first n batches and hands its optimizer
+    state to the step under test."""
     cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False)
     g = torch.Generator().manual_seed(0)
     batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
@@ -105,7 +106,7 @@ def step_losses(name, graphs, resume_after=0):
         for batch in batches[:resume_after]:
             first(batch)
         state = first.optimizer.state_dict()
-    step = H.make_train_step(model, model, cfg.replace(cuda_graphs=graphs), None, 6)
+    step = H.make_train_step(model, torch.compile(model) if compiled else model, cfg.replace(cuda_graphs=graphs), None, 6)
     assert isinstance(step, H.GraphedStep) == graphs
     if state is not None:
         step.load_optimizer_state(state)
@@ -117,6 +118,13 @@ def step_losses(name, graphs, resume_after=0):
 def test_cuda_graph_training_matches_eager(name):
     """The captured-and-replayed training step follows the eager step."""
     torch.testing.assert_close(step_losses(name, True), step_losses(name, False), rtol=1e-3, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["HoloMamba", "SASRec"])
+def test_compiled_graphed_training_matches_eager(name):
+    """torch.compile of the model inside the captured step follows the plain eager step (fp32)."""
+    torch.testing.assert_close(step_losses(name, True, compiled=True), step_losses(name, False), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
