@@ -3687,7 +3687,7 @@ def ddp_stage(store, configs):
     A torchrun row gets its speed-up over the one-process row with the same step (eager or graphed, if there)
     and its scaling efficiency (speed-up / ranks), and the speed-up over the graphed one-process row. Each row
     is written as soon as it is measured, so a stage cut short keeps the rows it finished."""
-    world, rank = world_and_rank()
+    world, _ = world_and_rank()
     device = pick_device(store.cfg["device"])
     step_name = "eager" if world > 1 or device.type != "cuda" or not store.cfg["cuda_graphs"] else "graphed"
     folder = Path("ddp") / f"ranks{world}-{step_name}"
@@ -3708,10 +3708,12 @@ def ddp_stage(store, configs):
                    "epochs": run.epochs, "best_epoch": run.best_epoch, "stopped_by": run.stopped_by,
                    "epoch_seconds": run.history[-1]["train_seconds"] / run.history[-1]["epoch"],
                    "wall_seconds": run.train_seconds, **rank_peaks(device),
-                   **{f"{split}_{m}": run.metrics[split][m] for split in ("valid", "test") for m in ("hr@10", "ndcg@10")}}
+                   **{f"{split}_{m}": run.metrics[split][m]
+                      for split in ("valid", "test") for m in ("hr@10", "ndcg@10")}}
             if is_main_process():  # the checkpoint in a fresh process's hands: the CPU, then one device
                 for where in ("cpu", str(device)) if device.type != "cpu" else ("cpu",):
-                    row[f"reload_{where.split(':')[0]}_test_ndcg@10"] = evaluate(load(run.checkpoint, where), data, "test", cfg)["ndcg@10"]
+                    reloaded = load(run.checkpoint, where)
+                    row[f"reload_{where.split(':')[0]}_test_ndcg@10"] = evaluate(reloaded, data, "test", cfg)["ndcg@10"]
             rows.append(keep_ddp_row(store, row))
             if world > 1:
                 torch.distributed.barrier()

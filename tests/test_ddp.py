@@ -3,7 +3,6 @@ one-process recipe (the batch is global), the grid deals its trials out so each 
 fills results/ddp.csv from a one-process and a torchrun invocation."""
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
