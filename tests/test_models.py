@@ -143,14 +143,21 @@ def test_streaming_step_matches_full_forward(name):
             torch.testing.assert_close(scores, score(model, seq[:, :t + 1]), rtol=1e-4, atol=1e-4)
 
 
+def streamed_scores(model, seq, step):
+    """The scores after stepping every column of seq through step(state, items) from a fresh state."""
+    with torch.no_grad():
+        state = model.init_state(len(seq))
+        for t in range(seq.shape[1]):
+            scores, state = step(state, seq[:, t])
+    return scores
+
+
 def test_compiled_streaming_step_on_the_cpu_matches_the_full_forward():
     """With compile set, stream_step runs torch.compile(step) on the CPU: the same scores as the full forward."""
     model = build("HoloMamba", seed=3, compile=True)
     seq = random_items((1, 6), seed=4)
+    scores = streamed_scores(model, seq, model.stream_step)
     with torch.no_grad():
-        state = model.init_state(1)
-        for t in range(seq.shape[1]):
-            scores, state = model.stream_step(state, seq[:, t])
         torch.testing.assert_close(scores, score(model, seq), rtol=1e-4, atol=1e-4)
     assert model.stepper is not model.step and hasattr(model.stepper, "_torchdynamo_orig_callable")
 
@@ -159,10 +166,8 @@ def test_mamba_ffn_off_streaming_matches_full_forward():
     model = build("HoloMamba", seed=5, ffn=False, n_layers=3)
     assert len(model.ffns) == 0
     seq = random_items((2, 7), seed=6)
+    scores = streamed_scores(model, seq, model.step)
     with torch.no_grad():
-        state = model.init_state(2)
-        for t in range(seq.shape[1]):
-            scores, state = model.step(state, seq[:, t])
         torch.testing.assert_close(scores, score(model, seq), rtol=1e-4, atol=1e-4)
 
 
