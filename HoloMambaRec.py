@@ -1556,8 +1556,8 @@ class Recommender(nn.Module):
 
     def stream_step(self, state, item, table=None):
         """step(), through torch.compile on the CPU when the model's config sets compile: there a step is a few
-        hundred tiny operations, and one compiled function instead takes it from 1.08 to 0.40 ms (HoloMamba,
-        batch 1, two cores; compiled once, about 14 s)."""
+        hundred tiny operations, and one compiled function takes HoloMamba's from 1.34 to 0.44 ms (batch 1, two
+        cores, efficiency stage: README); compiled once, in about 14 s."""
         if self.stepper is None:
             on_cpu = next(self.parameters()).device.type == "cpu"
             self.stepper = torch.compile(self.step) if self.config.get("compile") and on_cpu else self.step
@@ -2685,6 +2685,34 @@ class FitResult:
         return self.history[-1]["stopped_by"]
 
 
+def training_runner(model, cfg, distributed=True):
+    """(runner, ranks, this rank): what the training step calls, the model in DistributedDataParallel when
+    distributed under torchrun (batch_size is then the global batch and must split over the ranks), and under
+    torch.compile when cfg sets compile; (model, 1, 0) in one process without compile."""
+    world, rank = world_and_rank() if distributed else (1, 0)
+    runner = model
+    if world > 1:
+        if model.reads_users:  # DDP would broadcast rank 0's bank over the others' at every step
+            raise ConfigError(f"{model.name} keeps its per-user memory in one process: run it without torchrun")
+        if cfg["batch_size"] % world:
+            raise ConfigError(f"--batch_size={cfg['batch_size']} is the global batch and must split evenly over the "
+                              f"{world} ranks: give a multiple of {world}")
+        device = model_device(model)
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        runner = torch.compile(runner)
+    return runner, world, rank
+
+
+def rank0_decides(value):
+    """Rank 0's value on every rank (a small picklable value; unchanged without a process group)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, **overrides):
     """Train `model` on data's training windows with AdamW and early stopping on validation NDCG@10; returns a
     FitResult (the model keeps its last weights: load result.best_state for the best). cfg defaults to the
@@ -2698,17 +2726,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     device = model_device(model)
     windows = TrainingWindows(data, model.input_len, device, cfg["max_len"])
     valid = data.eval_split("valid", model.input_len, excludes_seen(cfg, data), device)
-    runner, world, rank = model, 1, 0
-    if distributed and torch.distributed.is_initialized():
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        if model.reads_users:  # DDP would broadcast rank 0's bank over the others' at every step
-            raise ConfigError(f"{model.name} keeps its per-user memory in one process: run it without torchrun")
-        if cfg["batch_size"] % world:
-            raise ConfigError(f"--batch_size={cfg['batch_size']} is the global batch and must split evenly over the "
-                              f"{world} ranks: give a multiple of {world}")
-        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        runner = torch.compile(runner)
+    runner, world, rank = training_runner(model, cfg, distributed)
     step = make_train_step(model, runner, cfg.replace(batch_size=cfg["batch_size"] // world),
                            popularity_log_q(data.item_counts, device), math.ceil(data.n_users / cfg["batch_size"]))
     generator = torch.Generator().manual_seed(torch.initial_seed())
@@ -2761,10 +2779,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             reason = ("patience" if stale >= cfg["patience"] else
                       "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
                       "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
-            if world > 1:  # rank 0 decides: a rank whose clock stopped it alone would leave the others waiting
-                decision = [reason]
-                torch.distributed.broadcast_object_list(decision, src=0)
-                reason = decision[0]
+            reason = rank0_decides(reason)  # a rank whose clock stopped it alone would leave the others waiting
             history[-1]["stopped_by"] = reason or ("epochs" if epoch + 1 == cfg["epochs"] else "")
             if reason:
                 break
@@ -3635,14 +3650,17 @@ def measure_catalog(cfg, n_items, device):
     return {"step_ms": 1000 * step_s, "peak_mem_mb": peak_mb, "loss": path, "compiled": cfg["compile"]}
 
 
-def measure_training(model, cfg, batch, item_log_q=None):
-    """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next."""
+def measure_training(model, cfg, batch, item_log_q=None, runner=None, repeats=3):
+    """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next
+    `repeats`; the step calls `runner` (default: the model, compiled when cfg sets compile)."""
     cfg = cfg.replace(batch_size=len(batch.items))  # a graphed step pads any batch up to batch_size
-    step = make_train_step(model, torch.compile(model) if cfg["compile"] else model, cfg, item_log_q)
+    if runner is None:
+        runner = torch.compile(model) if cfg["compile"] else model
+    step = make_train_step(model, runner, cfg, item_log_q)
     model.train()
     with PeakMemory(model_device(model)) as peak:
         step(batch)
-    return timed(lambda: step(batch), model_device(model), repeats=3), peak.mb
+    return timed(lambda: step(batch), model_device(model), repeats=repeats), peak.mb
 
 
 def world_and_rank():
@@ -3661,17 +3679,10 @@ def gathered(value):
     return out
 
 
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def rank_peaks(device):
-    """Peak GPU memory (MB) of every rank since its reset_peak: {per rank ('1200.5;1187.0'), max}; blank on CPU."""
-    if device.type != "cuda":
-        return {"peak_mem_mb_per_rank": "", "peak_mem_mb_max": float("nan")}
-    peaks = gathered(round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+def rank_peaks(mb):
+    """Every rank's peak memory in MB (a PeakMemory's: GPU, or the process's RSS on the CPU): {per rank
+    ('1200.5;1187.0'), max}."""
+    peaks = gathered(round(mb, 1))
     return {"peak_mem_mb_per_rank": ";".join(map(str, peaks)), "peak_mem_mb_max": max(peaks)}
 
 
@@ -3689,8 +3700,8 @@ def ddp_stage(store, configs):
     """The multi-GPU check, run once as one process and once under torchrun; both fill results/ddp.csv.
     1. Each model of --models on every dataset (first seed), trained by this invocation's ranks with the
        one-process recipe (batch_size is the global batch: see fit), its runs kept apart by world size and
-       step under <results_dir>/ddp/ and <checkpoint_dir>/ddp/: seconds per training epoch, the peak GPU
-       memory of every rank, valid and test metrics, and the test NDCG@10 of its checkpoint reloaded in one
+       step under <results_dir>/ddp/ and <checkpoint_dir>/ddp/: seconds per training epoch, the peak memory
+       of every rank (GPU; the process's RSS on the CPU), valid and test metrics, and the test NDCG@10 of its checkpoint reloaded in one
        process on the CPU and on this device.
     2. One training step of each model at the longest of efficiency_lengths (the efficiency stage's batch,
        split over the ranks): step time and peak memory of every rank.
@@ -3710,14 +3721,14 @@ def ddp_stage(store, configs):
     for cfg in configs:
         data = store.dataset(cfg)
         for name in as_list(cfg["models"]):
-            reset_peak(device)
-            run = sub.run(cfg, name, seeds(cfg)[0])
+            with PeakMemory(device) as peak:
+                run = sub.run(cfg, name, seeds(cfg)[0])
             row = {"what": "training run", "dataset": cfg["dataset"], "model": name, **common,
                    "step": "graphed" if run.graphed else "eager", "max_len": run.cfg["max_len"],
                    "batch": cfg["batch_size"], "batch_per_rank": cfg["batch_size"] // world, "config": run.config,
                    "epochs": run.epochs, "best_epoch": run.best_epoch, "stopped_by": run.stopped_by,
                    "epoch_seconds": run.history[-1]["train_seconds"] / run.history[-1]["epoch"],
-                   "wall_seconds": run.train_seconds, **rank_peaks(device),
+                   "wall_seconds": run.train_seconds, **rank_peaks(peak.mb),
                    **{f"{split}_{m}": run.metrics[split][m]
                       for split in ("valid", "test") for m in ("hr@10", "ndcg@10")}}
             if is_main_process():  # the checkpoint in a fresh process's hands: the CPU, then one device
@@ -3749,22 +3760,15 @@ def keep_ddp_row(store, row):
 
 def measure_ddp_step(name, cfg, device):
     """Median milliseconds of a training step of `name` on cfg['batch_size'] sequences of cfg['max_len'] items
-    split over the ranks (DDP when there are several), and the peak GPU memory of each rank in its first step."""
-    world, rank = world_and_rank()
+    split over the ranks (DDP when there are several), and the peak memory of each rank in its first step."""
     set_seed(0)
     model = build_model(name, catalog_only(cfg["efficiency_items"]), cfg, device)
-    runner = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    step = make_train_step(model, runner, cfg.replace(batch_size=cfg["batch_size"] // world))
+    runner, world, rank = training_runner(model, cfg)
     batch = fake_batch(cfg["efficiency_items"], cfg["batch_size"] // world, cfg["max_len"], device,
                        torch.Generator().manual_seed(rank))
-    model.train()
-    reset_peak(device)
-    step(batch)
-    peaks = rank_peaks(device)
-    seconds = timed(lambda: step(batch), device, repeats=5)
-    return {"step": "graphed" if isinstance(step, GraphedStep) else "eager", "step_ms": 1000 * max(gathered(seconds)),
-            **peaks}
+    seconds, peak_mb = measure_training(model, cfg, batch, runner=runner, repeats=5)
+    return {"step": "eager" if graph_blockers(model, runner, cfg, device) else "graphed",
+            "step_ms": 1000 * max(gathered(seconds)), **rank_peaks(peak_mb)}
 
 
 def with_speedups(table):
