@@ -3148,10 +3148,13 @@ def append_csv_row(path, row):
     """Append one row to a CSV log under its lock. A plain append writes one whole line and syncs it; a row with
     columns the file lacks (another grid), or a torn last line left by a crash mid-append, makes the file be
     rewritten atomically (temporary file, rename) with the union of the columns, older rows blank there. So the
-    log is only ever appended to or atomically replaced, and a crash loses at most the row being written."""
+    log is only ever appended to or atomically replaced, and a crash loses at most the row being written.
+    A writer killed mid-rewrite leaves its temporary file; every writer holds the lock, so the next one removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         text = path.read_text() if path.is_file() else ""
         torn = bool(text) and not text.endswith("\n")
         if torn:
