@@ -265,6 +265,7 @@ CONFIG_TABLE = {
     "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
     "attribute_smoothing": Key(0.0, "training", fraction(), "HoloMamba: label smoothing toward the target's attribute neighbours: this share of the target's probability moves to the items that share its attributes (the items of each attribute equally, its attributes averaged); the shuffled control smooths toward its shuffled attributes, the item-only ablation ignores it"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
+    "warm_start": Key("off", "training", one_of("off", "frozen", "all"), "memory extensions (RAMRec; HoloMamba with memory_slots): start from the trained base model of the same seed and config (SASRec; the window alone), trained first when missing, with its validation as epoch 0, so the selected weights validate at least as well as the base: off (train from scratch) | frozen (only the memory's parameters train) | all (everything trains)"),
     "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
     "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
     "patience": Key(10, "training", at_least(1), "evaluations without a better validation NDCG@10 before training stops"),
@@ -423,7 +424,7 @@ class Config(Mapping):
 SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
 
 
-HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing")
+HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start")
 
 
 def run_hash(cfg):
@@ -2733,7 +2734,8 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
     history, best, best_state, stale, first, train_seconds, earlier = [], -1.0, None, 0, 0, 0.0, 0.0
     if resume is not None:  # continue an interrupted run after its last finished epoch
         model.load_state_dict(resume["model"])
-        step.load_optimizer_state(resume["optimizer"])
+        if resume["optimizer"] is not None:  # None: a warm start (RunStore.warm_start), fresh optimizer
+            step.load_optimizer_state(resume["optimizer"])
         history, best, best_state, stale = resume["history"], resume["best"], resume["best_state"], resume["stale"]
         first, train_seconds, earlier = resume["epoch"], resume["train_seconds"], resume["seconds"]
         generator.manual_seed(torch.initial_seed() + first)
@@ -3006,6 +3008,22 @@ class Run:
         return {k: v for k, v in self.__dict__.items() if k != "ranks"}
 
 
+def extended_base(model_name, cfg):
+    """(name, config) of the model a memory extension extends, or None: RAMRec extends SASRec, and a
+    HoloMamba-family model with memory_slots the same model with neither memory nor older items."""
+    if model_name == "RAMRec":
+        return "SASRec", cfg.replace(warm_start="off")
+    if cfg["memory_slots"] and issubclass(MODELS[model_name], HoloMamba):
+        return model_name, cfg.replace(memory_slots=0, memory_len=0, warm_start="off")
+    return None
+
+
+def run_config(model_name, cfg):
+    """cfg as model_name's run is hashed: warm_start counts only for a memory extension."""
+    cfg = Config(cfg)
+    return cfg if extended_base(model_name, cfg) else cfg.replace(warm_start="off")
+
+
 def run_name(dataset, model, seed, tag):
     return safe_name(f"{dataset}_{model}_seed{seed}_{tag}")
 
@@ -3034,7 +3052,7 @@ class RunStore:
 
     def run_key(self, cfg, model_name, seed):
         """A run's identity: (dataset, model, seed, hash of cfg as fitted to its data); run_name(*key) names its files."""
-        return cfg["dataset"], model_name, seed, run_hash(fitted_config(cfg, self.dataset(cfg)))
+        return cfg["dataset"], model_name, seed, run_hash(fitted_config(run_config(model_name, cfg), self.dataset(cfg)))
 
     def run(self, cfg, model_name, seed, distributed=True, reuse=None):
         """Train (or with resume, reload) model_name on cfg['dataset'] with early stopping on validation, then
@@ -3042,7 +3060,7 @@ class RunStore:
         resume, a finished run on the same data is reloaded, and a run cut short by Ctrl-C continues from its
         <name>.partial.pt. reuse=True reloads a finished run whatever --resume says."""
         data = self.dataset(cfg)
-        fitted = fitted_config(cfg, data)
+        fitted = fitted_config(run_config(model_name, cfg), data)
         if fitted["max_len"] < cfg["max_len"]:
             print(f"[{cfg['dataset']}] max_len={cfg['max_len']} is longer than the longest history: using "
                   f"{fitted['max_len']}", file=sys.stderr)
@@ -3065,6 +3083,8 @@ class RunStore:
             tqdm.write(f"{tag} resumed from {checkpoint}", file=sys.stderr)
         else:
             state = self.interrupted(partial, key, data, tag) if reuse else None
+            if state is None and cfg["warm_start"] != "off":
+                state = self.warm_start(model, model_name, cfg, seed, distributed)
             start = time.perf_counter() - (state["seconds"] if state else 0.0)
             try:
                 result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}",
@@ -3097,6 +3117,33 @@ class RunStore:
             torch.distributed.barrier()  # the checkpoint exists before any rank loads it
         self.runs[key] = run
         return run
+
+    def warm_start(self, model, name, cfg, seed, distributed):
+        """The training state that starts a memory extension from its base run (extended_base; trained first
+        when missing): the base's weights, the memory's own parameters as initialised (they add nothing, so the
+        model is the base), and the base's validation as epoch 0, so that fit keeps the base's weights unless
+        the memory beats them on validation. warm_start=frozen leaves only the memory's parameters trainable."""
+        base_name, base_cfg = extended_base(name, cfg)
+        base = self.run(base_cfg, base_name, seed, distributed, reuse=True)
+        weights, own = read_checkpoint(base.checkpoint)["state_dict"], model.state_dict()
+        if set(weights) - set(own):
+            raise ConfigError(f"{name} cannot start from {base_name}: it lacks {sorted(set(weights) - set(own))[:3]}")
+        model.load_state_dict({**own, **weights})
+        if cfg["warm_start"] == "frozen":
+            for param_name, param in model.named_parameters():
+                param.requires_grad_(param.requires_grad and param_name not in weights)
+        set_seed(seed)  # the same fine-tuning whether the base was trained or reloaded just now
+        data = self.dataset(cfg)
+        valid = data.eval_split("valid", model.input_len, excludes_seen(cfg, data), model_device(model))
+        metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
+        loss = next(h["loss"] for h in base.history if h["epoch"] == base.best_epoch)
+        tqdm.write(f"[{cfg['dataset']} | {name} | seed {seed}] starts from {base.name} ({cfg['warm_start']}): "
+                   f"valid NDCG@10={metrics['ndcg@10']:.4f}", file=sys.stderr)
+        row = {"epoch": 0, "loss": loss, "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
+               "train_seconds": 0.0, "seconds": 0.0, "stopped_by": ""}
+        return {"model": model.state_dict(), "optimizer": None, "history": [row], "best": metrics["ndcg@10"],
+                "best_state": copy.deepcopy(model.state_dict()), "stale": 0, "epoch": 0, "train_seconds": 0.0,
+                "seconds": 0.0}
 
     @staticmethod
     def finished(record_path, checkpoint, data, tag):
@@ -3819,13 +3866,14 @@ def memory_stage(store, configs):
         data = store.dataset(cfg)
         long = {f"> {cfg['long_history']} items": data.train_lengths() > cfg["long_history"]}
         window = cfg.replace(memory_slots=0, memory_len=0)
+        warm = f", from base ({cfg['warm_start']})" if cfg["warm_start"] != "off" else ""
         variants = [("HoloMamba", "window", 0, window)] if "HoloMamba" in models else []
         for n in lens if "HoloMamba" in models else ():
-            variants += [("HoloMamba", "window + memory", n,
+            variants += [("HoloMamba", "window + memory" + warm, n,
                           cfg.replace(memory_len=n, memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS)),
                          ("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
         if "RAMRec" in models:
-            variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec", 0, cfg)]
+            variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec" + warm, 0, cfg)]
         plan = [(seed, *v, run_name(*store.run_key(v[3], v[0], seed))) for seed in seeds(cfg) for v in variants]
         for seed, name, _, _, config, key in plan:
             if claim_trial(log, key):
@@ -4337,8 +4385,24 @@ def table_compression(table, numbers):
 
 
 def memory_label(variant, memory_len, items_read):
-    """'window + memory <memory_len>' and 'full window <items read>'; the others as they are."""
-    return f"{variant} {int(items_read if variant == 'full window' else memory_len)}" if memory_len else variant
+    """'window + memory <memory_len>' and 'full window <items read>', then how it started (', from base
+    (frozen)'); the others as they are."""
+    kind, comma, start = variant.partition(", ")
+    label = f"{kind} {int(items_read if kind == 'full window' else memory_len)}" if memory_len else kind
+    return label + comma + start
+
+
+def memory_pairs(part):
+    """(extension's label, its base's label, number name) for each extension among a dataset's memory rows."""
+    pairs = []
+    for variant, n in part[["variant", "memory_len"]].drop_duplicates().to_numpy():
+        kind, _, start = variant.partition(", ")
+        suffix = "-" + slug(start.replace("from base", "warm")) if start else ""
+        if kind == "window + memory":
+            pairs.append((memory_label(variant, n, 0), "window", f"memory-minus-window-{int(n)}{suffix}"))
+        elif kind == "RAMRec":
+            pairs.append((variant, "SASRec", f"ramrec-minus-sasrec{suffix}"))
+    return pairs
 
 
 def table_memory(table, numbers):
@@ -4374,10 +4438,7 @@ def table_memory(table, numbers):
                     cells.append(tex_metric(mean, std))
             cells += [f"{share:.2f}" if np.isfinite(share) else "--", str(int(stats.loc[(label, slices[0]), ("seeds", "n")]))]
             rows.append((cells, f"{dataset}/{label}"))
-        pairs = [(memory_label("window + memory", n, 0), "window", f"memory-minus-window-{int(n)}")
-                 for n in sorted(set(part.loc[part["variant"] == "window + memory", "memory_len"]))]
-        pairs += [("RAMRec", "SASRec", "ramrec-minus-sasrec")]
-        for extended, plain, name in pairs:
+        for extended, plain, name in memory_pairs(part):
             for s in users:
                 if (extended, s) in stats.index and (plain, s) in stats.index:
                     for metric in metrics:

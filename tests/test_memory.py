@@ -238,3 +238,19 @@ def test_memory_stage_compares_each_extension_with_its_base(tmp_path):
     assert depth.groupby("seed")["users"].sum().tolist() == [data.n_users] * 2
     assert depth["depth"].between(0, 8).all()  # the default ramrec_k_max
     assert H.main(["--stage=memory", "--dataset=synthetic"]) == 2  # memory_len must be set
+
+
+def test_warm_started_memory_model_starts_at_its_window_run(tiny):
+    """HoloMamba with memory and warm_start=frozen: the window-alone run of the same seed is trained first; its
+    validation is epoch 0; only the memory's parameters change."""
+    cfg = H.config(**{**tiny, "max_len": 8, "epochs": 3}, memory_len=8, memory_slots=4, patience=3, warm_start="frozen")
+    store = H.RunStore(cfg)
+    run = store.run(cfg, "HoloMamba", 1)
+    window = store.run(cfg.replace(memory_slots=0, memory_len=0), "HoloMamba", 1)
+    assert window.history[0]["epoch"] == 1 and run.history[0]["epoch"] == 0
+    assert run.history[0]["valid_ndcg@10"] == pytest.approx(window.metrics["valid"]["ndcg@10"], abs=1e-6)
+    assert run.metrics["valid"]["ndcg@10"] >= window.metrics["valid"]["ndcg@10"] - 1e-6
+    with_memory, alone = store.model(run).state_dict(), store.model(window).state_dict()
+    assert all(torch.equal(with_memory[k], v) for k, v in alone.items())
+    assert set(with_memory) - set(alone) and all(k.startswith(("memory", "read")) or "memory" in k
+                                                 for k in set(with_memory) - set(alone))

@@ -235,3 +235,26 @@ def test_ramrec_run_end_to_end(tiny):
     # the checkpoint holds the bank: the model loaded from it ranks the test split as the run did
     split = data.eval_split("test", cfg["max_len"], H.excludes_seen(cfg, data))
     assert torch.equal(H.rank_targets(model, split, cfg), run.ranks["test"])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "all"])
+def test_warm_start_begins_at_the_trained_sasrec_and_never_validates_below_it(tiny, mode):
+    """RAMRec with warm_start starts from the SASRec run of the same seed (trained first), whose validation is
+    epoch 0 of its history; the selected weights validate at least as well; frozen leaves SASRec's weights as
+    they were. SASRec's run is the same whether warm_start is set or not (it is not an extension)."""
+    cfg = H.config(**{**tiny, "epochs": 4}, train_window="random", patience=4, warm_start=mode)
+    store = H.RunStore(cfg)
+    assert store.run_key(cfg, "SASRec", 0) == store.run_key(cfg.replace(warm_start="off"), "SASRec", 0)
+    assert store.run_key(cfg, "RAMRec", 0) != store.run_key(cfg.replace(warm_start="off"), "RAMRec", 0)
+    run = store.run(cfg, "RAMRec", 0)
+    base = store.run(cfg, "SASRec", 0)  # memoised: the run warm_start trained
+    assert run.history[0]["epoch"] == 0 and [h["epoch"] for h in run.history[1:]] == list(range(1, run.epochs + 1))
+    assert run.history[0]["valid_ndcg@10"] == pytest.approx(base.metrics["valid"]["ndcg@10"], abs=1e-6)
+    assert run.metrics["valid"]["ndcg@10"] >= base.metrics["valid"]["ndcg@10"] - 1e-6
+    ramrec, sasrec = store.model(run).state_dict(), store.model(base).state_dict()
+    same = [torch.equal(ramrec[k], v) for k, v in sasrec.items()]
+    if mode == "frozen":
+        assert all(same)
+    elif run.best_epoch > 0:
+        assert not all(same)
+    assert run.best_epoch > 0 or torch.equal(ramrec["out.weight"], torch.zeros_like(ramrec["out.weight"]))
