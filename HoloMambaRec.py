@@ -3315,6 +3315,7 @@ def upsert_csv(path, rows, key, derive=None):
     with folder_lock(path.parent):
         old = read_results(path)
         if len(old):
+            old = old.reindex(columns=list(old.columns) + [c for c in key if c not in old.columns])
             keys = set(map(tuple, new[key].astype(str).to_numpy()))
             old = old[[tuple(r) not in keys for r in old[key].astype(str).to_numpy()]]
             new = pd.concat([old, new], ignore_index=True)
@@ -3851,7 +3852,8 @@ def memory_stage(store, configs):
     against SASRec. Per run: test metrics on all users and on users with more than long_history training items,
     bytes of per-user state, the cost of scoring one new interaction of one user, and how much the memory's
     read is used at the scored position (gate opening, the read's share of the residual stream). Writes
-    results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K).
+    results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K, per variant).
+    With warm_start, the extensions start from their bases (RunStore.warm_start); their variants say so.
     Parallel: the same command in several processes sharing results_dir; each trains the runs nobody else has
     claimed (claims in memory_runs.csv.claims, finished runs in memory_runs.csv) and writes the rows of every
     finished run, so the last to finish writes them all."""
@@ -3895,7 +3897,7 @@ def memory_stage(store, configs):
                 step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
             if "depth" in reads:
                 k, users = reads.pop("depth").long().unique(return_counts=True)
-                depths += [{"dataset": run.dataset, "seed": seed, "depth": int(a), "users": int(b),
+                depths += [{"dataset": run.dataset, "variant": variant, "seed": seed, "depth": int(a), "users": int(b),
                             "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
             info = dict(model=name, variant=variant, memory_len=n, seed=seed, config=run.config,
                         encoder_window=config["max_len"],
@@ -3908,7 +3910,8 @@ def memory_stage(store, configs):
         return rows
     table = upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "model", "variant", "memory_len", "seed", "slice"])
     if depths:
-        upsert_csv(store.results_dir / "memory_depth.csv", depths, ["dataset", "seed", "depth"])
+        upsert_csv(store.results_dir / "memory_depth.csv", depths, ["dataset", "variant", "seed", "depth"],
+                   derive=lambda t: t.fillna({"variant": "RAMRec"}))  # rows from before variants were named
     summary = table.groupby(["dataset", "variant", "memory_len", "slice"], sort=False)[["ndcg@10", "hr@10"]].agg(["mean", "std"])
     print(summary.round(4).to_string())
     return rows

@@ -254,3 +254,24 @@ def test_warm_started_memory_model_starts_at_its_window_run(tiny):
     assert all(torch.equal(with_memory[k], v) for k, v in alone.items())
     assert set(with_memory) - set(alone) and all(k.startswith(("memory", "read")) or "memory" in k
                                                  for k in set(with_memory) - set(alone))
+
+
+def test_memory_stage_with_warm_starts_reuses_the_bases(tmp_path):
+    """A frozen and then an all warm start: the second command trains only its extensions (the bases' checkpoints
+    stay as the first wrote them) and both kinds of rows sit beside the bases in memory.csv and memory_depth.csv."""
+    argv = ["--stage=memory", "--dataset=synthetic", "--max_len=8", "--memory_lens=8", "--models=HoloMamba,RAMRec",
+            "--seeds=0", "--d_model=16", "--n_layers=1", "--epochs=2", f"--results_dir={tmp_path / 'r'}",
+            f"--checkpoint_dir={tmp_path / 'c'}", f"--figures_dir={tmp_path / 'f'}"]
+    assert H.main(argv + ["--warm_start=frozen"]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.pt")}
+    assert H.main(argv + ["--warm_start=all"]) == 0
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.pt")}
+    assert len(again) == len(stamps) + 2 and all(again[name] == t for name, t in stamps.items())
+    import pandas as pd
+    rows = pd.read_csv(tmp_path / "r" / "memory.csv")
+    assert sorted(rows.loc[rows["slice"] == "all users", "variant"]) == sorted([
+        "window", "full window", "SASRec", "window + memory, from base (frozen)", "RAMRec, from base (frozen)",
+        "window + memory, from base (all)", "RAMRec, from base (all)"])
+    depth = pd.read_csv(tmp_path / "r" / "memory_depth.csv")
+    n = H.load_dataset("synthetic").n_users
+    assert depth.groupby("variant")["users"].sum().to_dict() == {"RAMRec, from base (all)": n, "RAMRec, from base (frozen)": n}

@@ -34,6 +34,17 @@ def test_upsert_keeps_other_runs(tmp_path):
     assert len(out) == 2 and len(pd.read_csv(path)) == 2
 
 
+def test_upsert_with_a_key_column_the_file_lacks_keeps_its_rows(tmp_path):
+    """A key column added later (memory_depth.csv's variant): the older rows stay, blank there, unless derive fills them."""
+    path = tmp_path / "depth.csv"
+    pd.DataFrame([{"dataset": "d", "seed": 1, "users": 5}]).to_csv(path, index=False)
+    out = H.upsert_csv(path, [{"dataset": "d", "variant": "new", "seed": 1, "users": 7}], ["dataset", "variant", "seed"],
+                       derive=lambda t: t.fillna({"variant": "old"}))
+    assert sorted(zip(out["variant"], out["users"])) == [("new", 7), ("old", 5)]
+    again = H.upsert_csv(path, [{"dataset": "d", "variant": "old", "seed": 1, "users": 9}], ["dataset", "variant", "seed"])
+    assert sorted(zip(again["variant"], again["users"])) == [("new", 7), ("old", 9)]
+
+
 def test_append_csv_row_writes_header_once(tmp_path):
     path = tmp_path / "sub" / "grid.csv"
     for i in range(3):
