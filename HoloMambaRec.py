@@ -3877,7 +3877,8 @@ def memory_stage(store, configs):
         if "RAMRec" in models:
             variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec" + warm, 0, cfg)]
         plan = [(seed, *v, run_name(*store.run_key(v[3], v[0], seed))) for seed in seeds(cfg) for v in variants]
-        for seed, name, _, _, config, key in plan:
+        # the runs others start from (warm_start) are claimed first, so another process never trains a base twice
+        for seed, name, _, _, config, key in sorted(plan, key=lambda p: extended_base(p[1], p[4]) is not None):
             if claim_trial(log, key):
                 store.run(config, name, seed)
                 append_csv_row(log, {"trial": key})

@@ -275,3 +275,16 @@ def test_memory_stage_with_warm_starts_reuses_the_bases(tmp_path):
     depth = pd.read_csv(tmp_path / "r" / "memory_depth.csv")
     n = H.load_dataset("synthetic").n_users
     assert depth.groupby("variant")["users"].sum().to_dict() == {"RAMRec, from base (all)": n, "RAMRec, from base (frozen)": n}
+
+
+def test_memory_stage_claims_the_bases_before_their_extensions(tmp_path, monkeypatch):
+    """Processes sharing the stage claim runs in one order, bases first: one that reaches an extension while its
+    base trains elsewhere skips it instead of training the base a second time."""
+    claimed = []
+    monkeypatch.setattr(H, "claim_trial", lambda log, key: claimed.append(key) and False)
+    argv = ["--stage=memory", "--dataset=synthetic", "--max_len=8", "--memory_lens=8,16", "--models=HoloMamba,RAMRec",
+            "--seeds=0", "--warm_start=frozen", f"--results_dir={tmp_path / 'r'}", f"--checkpoint_dir={tmp_path / 'c'}"]
+    assert H.main(argv) == 0
+    kinds = [next(m for m in ("RAMRec", "SASRec", "HoloMamba") if f"_{m}_" in key) for key in claimed]
+    assert len(claimed) == 7 and kinds[-3:] == ["HoloMamba", "HoloMamba", "RAMRec"]  # the two memories, RAMRec
+    assert kinds[:4] == ["HoloMamba", "HoloMamba", "HoloMamba", "SASRec"]  # window, two full windows, SASRec
