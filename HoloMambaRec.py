@@ -3018,6 +3018,15 @@ def extended_base(model_name, cfg):
     return None
 
 
+def freeze_base(model, model_name, cfg):
+    """warm_start=frozen: only the parameters a memory extension adds to its base model stay trainable."""
+    base_name, base_cfg = extended_base(model_name, cfg)
+    with torch.device("meta"):  # the base's parameter names, without allocating it
+        names = set(dict(MODELS[base_name](base_cfg, model.catalog).named_parameters()))
+    for name, param in model.named_parameters():
+        param.requires_grad_(param.requires_grad and name not in names)
+
+
 def run_config(model_name, cfg):
     """cfg as model_name's run is hashed: warm_start counts only for a memory extension."""
     cfg = Config(cfg)
@@ -3085,6 +3094,8 @@ class RunStore:
             state = self.interrupted(partial, key, data, tag) if reuse else None
             if state is None and cfg["warm_start"] != "off":
                 state = self.warm_start(model, model_name, cfg, seed, distributed)
+            if cfg["warm_start"] == "frozen":  # also when a Ctrl-C'd warm start continues
+                freeze_base(model, model_name, cfg)
             start = time.perf_counter() - (state["seconds"] if state else 0.0)
             try:
                 result = fit(model, data, cfg, distributed=distributed, desc=f"{cfg['dataset']} {model_name} seed {seed}",
@@ -3122,16 +3133,13 @@ class RunStore:
         """The training state that starts a memory extension from its base run (extended_base; trained first
         when missing): the base's weights, the memory's own parameters as initialised (they add nothing, so the
         model is the base), and the base's validation as epoch 0, so that fit keeps the base's weights unless
-        the memory beats them on validation. warm_start=frozen leaves only the memory's parameters trainable."""
+        the memory beats them on validation (freeze_base then keeps the base's weights for warm_start=frozen)."""
         base_name, base_cfg = extended_base(name, cfg)
         base = self.run(base_cfg, base_name, seed, distributed, reuse=True)
         weights, own = read_checkpoint(base.checkpoint)["state_dict"], model.state_dict()
         if set(weights) - set(own):
             raise ConfigError(f"{name} cannot start from {base_name}: it lacks {sorted(set(weights) - set(own))[:3]}")
         model.load_state_dict({**own, **weights})
-        if cfg["warm_start"] == "frozen":
-            for param_name, param in model.named_parameters():
-                param.requires_grad_(param.requires_grad and param_name not in weights)
         set_seed(seed)  # the same fine-tuning whether the base was trained or reloaded just now
         data = self.dataset(cfg)
         valid = data.eval_split("valid", model.input_len, excludes_seen(cfg, data), model_device(model))
@@ -4396,6 +4404,14 @@ def memory_label(variant, memory_len, items_read):
     return label + comma + start
 
 
+def memory_order(variant, memory_len):
+    """Where a memory.csv variant sits in the table: HoloMamba's window, then per memory_len its memory (trained
+    from scratch, then from the window) and the long window; then SASRec and RAMRec (from scratch, then warm)."""
+    kind, _, start = variant.partition(", ")
+    rank = {"window": 0, "window + memory": 1, "full window": 2, "SASRec": 3, "RAMRec": 4}.get(kind, 5)
+    return rank >= 3, int(memory_len), rank, start
+
+
 def memory_pairs(part):
     """(extension's label, its base's label, number name) for each extension among a dataset's memory rows."""
     pairs = []
@@ -4417,7 +4433,9 @@ def table_memory(table, numbers):
     blocks, metrics = [], ["ndcg@10", "hr@10"]
     slices = list(dict.fromkeys(table["slice"]))
     for dataset, part in table.groupby("dataset", sort=False):
-        part = part.assign(label=[memory_label(*r) for r in part[["variant", "memory_len", "items_read"]].to_numpy()])
+        part = part.assign(label=[memory_label(*r) for r in part[["variant", "memory_len", "items_read"]].to_numpy()],
+                           order=[memory_order(*r) for r in part[["variant", "memory_len"]].to_numpy()])
+        part = part.sort_values("order", kind="stable")  # each base, then what extends it
         stats = seed_summary(part, ["label", "slice"], metrics + ["read_share"])
         users = {s: int(part.loc[part["slice"] == s, "users"].iloc[0]) for s in slices if s in set(part["slice"])}
         numbers.update({f"mem/{dataset}/{slug(s)}/users": tex_count(n) for s, n in users.items()})

@@ -258,3 +258,26 @@ def test_warm_start_begins_at_the_trained_sasrec_and_never_validates_below_it(ti
     elif run.best_epoch > 0:
         assert not all(same)
     assert run.best_epoch > 0 or torch.equal(ramrec["out.weight"], torch.zeros_like(ramrec["out.weight"]))
+
+
+def test_a_frozen_warm_start_cut_by_ctrl_c_continues_frozen(tiny, monkeypatch):
+    """Ctrl-C during the fine-tuning, then --resume: the continued run still trains only RAMRec's own parameters."""
+    cfg = H.config(**{**tiny, "epochs": 4}, train_window="random", patience=4, warm_start="frozen")
+    base = H.RunStore(cfg).run(cfg, "SASRec", 0)
+    real, calls = H.rank_targets, []
+
+    def interrupt_in_epoch_2(*args, **kwargs):  # 1-2: SASRec reloaded, 3: epoch 0 (SASRec), 4: epoch 1, 5: epoch 2
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(H, "rank_targets", interrupt_in_epoch_2)
+    with pytest.raises(H.Interrupted):
+        H.RunStore(cfg).run(cfg, "RAMRec", 0)
+    monkeypatch.setattr(H, "rank_targets", real)
+    store = H.RunStore(cfg.replace(resume=True))
+    run = store.run(cfg.replace(resume=True), "RAMRec", 0)
+    assert [h["epoch"] for h in run.history] == list(range(run.epochs + 1)) and run.history[1]["epoch"] == 1
+    ramrec, sasrec = store.model(run).state_dict(), store.model(base).state_dict()
+    assert all(torch.equal(ramrec[k], v) for k, v in sasrec.items())
