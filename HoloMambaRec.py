@@ -1539,13 +1539,19 @@ class Recommender(nn.Module):
     """The shared contract: forward(Batch) -> Output, output_table(), score_next(Batch). Capabilities:
     reads_users (per-user state in the module: one process, no DDP), graph_safe (the training step can be
     captured as a CUDA graph), recurrent (init_state / step stream one interaction at a time),
-    has_attribute_objectives (an auxiliary attribute loss that attribute pre-training can train alone)."""
+    has_attribute_objectives (an auxiliary attribute loss that attribute pre-training can train alone),
+    extends(cfg) (the model a memory extension adds its memory to, which warm_start starts from)."""
     name = ""
     reads_users = False
     graph_safe = True
     recurrent = False
     has_attribute_objectives = False  # pre-training (pretrain_epochs) trains them alone first
     scan_backend = ""  # the scan backend of Mamba models ("" for the others)
+
+    @classmethod
+    def extends(cls, cfg):
+        """(name, config) of the model this one adds a memory to under cfg, or None (not an extension)."""
+        return None
 
     def __init__(self, cfg, catalog):
         super().__init__()
@@ -1825,6 +1831,12 @@ class HoloMamba(Recommender):
     Optional: temporal bundling (bundle_k) and a long-term holographic memory (memory_slots) over memory_len
     older items."""
     name, recurrent, use_binding = "HoloMamba", True, True
+
+    @classmethod
+    def extends(cls, cfg):
+        """With a memory: the same model with neither the memory nor the older items it folds in."""
+        cfg = Config(cfg)
+        return (cls.name, cfg.replace(memory_slots=0, memory_len=0, warm_start="off")) if cfg["memory_slots"] else None
 
     def __init__(self, cfg, catalog):
         super().__init__(cfg, catalog)
@@ -2197,6 +2209,10 @@ class RAMRec(SASRec):
     reads_users = True
     graph_safe = False  # the bank changes in place at every training step
 
+    @classmethod
+    def extends(cls, cfg):
+        return SASRec.name, Config(cfg).replace(warm_start="off")
+
     def __init__(self, cfg, catalog):
         super().__init__(cfg, catalog)
         d, slots = cfg["d_model"], cfg["ramrec_slots"]
@@ -2333,17 +2349,22 @@ def default_config(data, overrides):
     return config(name if named else None, **overrides)
 
 
+def model_class(name):
+    """The class of model `name` (one of MODEL_NAMES); an unknown name is a ConfigError."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
+    return MODELS[name]
+
+
 def build_model(name, data, cfg=None, device=None, **overrides):
     """Model `name` (one of MODEL_NAMES) for the catalog of `data` (a SequenceData or a Catalog). cfg defaults
     to the defaults for data; keyword overrides change keys (build_model("HoloMamba", data, d_model=128)).
     The scan backend is chosen once, for `device` (default cfg['device']): cfg['scan_backend'], where auto
     means the mamba-ssm kernel on CUDA when it imports, else the PyTorch parallel scan."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODEL_NAMES)})")
     cfg = default_config(data, overrides) if cfg is None else Config(cfg).replace(**overrides)
     device = pick_device(cfg["device"]) if device is None else torch.device(device)
     catalog = data.catalog if isinstance(data, SequenceData) else data
-    model = MODELS[name](cfg, catalog)
+    model = model_class(name)(cfg, catalog)
     model.index = data.index if isinstance(data, SequenceData) else None
     model.set_scan_backend(pick_scan_backend(cfg["scan_backend"], device))
     return model.to(device)
@@ -3008,19 +3029,9 @@ class Run:
         return {k: v for k, v in self.__dict__.items() if k != "ranks"}
 
 
-def extended_base(model_name, cfg):
-    """(name, config) of the model a memory extension extends, or None: RAMRec extends SASRec, and a
-    HoloMamba-family model with memory_slots the same model with neither memory nor older items."""
-    if model_name == "RAMRec":
-        return "SASRec", cfg.replace(warm_start="off")
-    if cfg["memory_slots"] and issubclass(MODELS[model_name], HoloMamba):
-        return model_name, cfg.replace(memory_slots=0, memory_len=0, warm_start="off")
-    return None
-
-
 def freeze_base(model, model_name, cfg):
     """warm_start=frozen: only the parameters a memory extension adds to its base model stay trainable."""
-    base_name, base_cfg = extended_base(model_name, cfg)
+    base_name, base_cfg = model_class(model_name).extends(cfg)
     with torch.device("meta"):  # the base's parameter names, without allocating it
         names = set(dict(MODELS[base_name](base_cfg, model.catalog).named_parameters()))
     for name, param in model.named_parameters():
@@ -3030,7 +3041,7 @@ def freeze_base(model, model_name, cfg):
 def run_config(model_name, cfg):
     """cfg as model_name's run is hashed: warm_start counts only for a memory extension."""
     cfg = Config(cfg)
-    return cfg if extended_base(model_name, cfg) else cfg.replace(warm_start="off")
+    return cfg if model_class(model_name).extends(cfg) else cfg.replace(warm_start="off")
 
 
 def run_name(dataset, model, seed, tag):
@@ -3130,11 +3141,11 @@ class RunStore:
         return run
 
     def warm_start(self, model, name, cfg, seed, distributed):
-        """The training state that starts a memory extension from its base run (extended_base; trained first
+        """The training state that starts a memory extension from its base run (Recommender.extends; trained first
         when missing): the base's weights, the memory's own parameters as initialised (they add nothing, so the
         model is the base), and the base's validation as epoch 0, so that fit keeps the base's weights unless
         the memory beats them on validation (freeze_base then keeps the base's weights for warm_start=frozen)."""
-        base_name, base_cfg = extended_base(name, cfg)
+        base_name, base_cfg = model_class(name).extends(cfg)
         base = self.run(base_cfg, base_name, seed, distributed, reuse=True)
         weights, own = read_checkpoint(base.checkpoint)["state_dict"], model.state_dict()
         if set(weights) - set(own):
@@ -3886,7 +3897,7 @@ def memory_stage(store, configs):
             variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec" + warm, 0, cfg)]
         plan = [(seed, *v, run_name(*store.run_key(v[3], v[0], seed))) for seed in seeds(cfg) for v in variants]
         # the runs others start from (warm_start) are claimed first, so another process never trains a base twice
-        for seed, name, _, _, config, key in sorted(plan, key=lambda p: extended_base(p[1], p[4]) is not None):
+        for seed, name, _, _, config, key in sorted(plan, key=lambda p: model_class(p[1]).extends(p[4]) is not None):
             if claim_trial(log, key):
                 store.run(config, name, seed)
                 append_csv_row(log, {"trial": key})
