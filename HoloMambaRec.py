@@ -1566,7 +1566,7 @@ class Recommender(nn.Module):
         hundred tiny operations, and one compiled function takes HoloMamba's from 1.34 to 0.44 ms (batch 1, two
         cores, efficiency stage: README); compiled once, in about 14 s."""
         if self.stepper is None:
-            on_cpu = next(self.parameters()).device.type == "cpu"
+            on_cpu = model_device(self).type == "cpu"
             self.stepper = torch.compile(self.step) if self.config.get("compile") and on_cpu else self.step
         return self.stepper(state, item, table)
 
@@ -3722,10 +3722,10 @@ def measure_catalog(cfg, n_items, device):
 
 def measure_training(model, cfg, batch, item_log_q=None, runner=None, repeats=3):
     """Peak memory of a first training step (graph capture included on CUDA) and median seconds of the next
-    `repeats`; the step calls `runner` (default: the model, compiled when cfg sets compile)."""
+    `repeats`; the step calls `runner` (default: training_runner's, in one process)."""
     cfg = cfg.replace(batch_size=len(batch.items))  # a graphed step pads any batch up to batch_size
     if runner is None:
-        runner = torch.compile(model) if cfg["compile"] else model
+        runner, _, _ = training_runner(model, cfg, distributed=False)
     step = make_train_step(model, runner, cfg, item_log_q)
     model.train()
     with PeakMemory(model_device(model)) as peak:
