@@ -262,9 +262,11 @@ CONFIG_TABLE = {
     "num_negatives": Key(0, "training", at_least(0), "0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction"),
     "train_window": Key("last", "training", one_of("last", "random"), "training window per user and epoch: last (the most recent max_len items, standard) | random (a random crop of the history)"),
     "attribute_loss": Key(0.0, "training", at_least(0), "weight of next-attribute prediction: each state, unbound by each field's role, classifies the next item's attribute of that field"),
-    "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
+    "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss, masked_attribute_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
     "attribute_smoothing": Key(0.0, "training", fraction(), "HoloMamba: label smoothing toward the target's attribute neighbours: this share of the target's probability moves to the items that share its attributes (the items of each attribute equally, its attributes averaged); the shuffled control smooths toward its shuffled attributes, the item-only ablation ignores it"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
+    "masked_attribute_loss": Key(0.0, "training", at_least(0), "weight of masked-attribute prediction (S3Rec's MAP in holographic form): input items are masked with probability mask_prob, and each masked position's two-sided context (the causal encoder's state plus a backward encoder's), unbound by each field's role, classifies the masked item's attribute of that field"),
+    "mask_prob": Key(0.2, "training", fraction(closed_low=False), "masked-attribute prediction: share of the input items masked"),
     "warm_start": Key("off", "training", one_of("off", "frozen", "all"), "memory extensions (RAMRec; HoloMamba with memory_slots): start from the trained base model of the same seed and config (SASRec; the window alone), trained first when missing, with its validation as epoch 0, so the selected weights validate at least as well as the base: off (train from scratch) | frozen (only the memory's parameters train) | all (everything trains)"),
     "memory_loss": Key(0.1, "training", at_least(0), "weight of the holographic memory's reconstruction loss (read back what was written)"),
     "amp": Key(True, "training", None, "bf16 autocast on CUDA (the CPU always trains in fp32)"),
@@ -303,9 +305,12 @@ CROSS_CHECKS = [
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
     ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
     ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
+    ("masked_attribute_loss", lambda c: c["binding"] != "item" or not c["masked_attribute_loss"],
+     "needs --binding=roles or both"),
     ("frequency_mixing", lambda c: c["binding"] != "item" or not c["frequency_mixing"], "needs --binding=roles or both"),
-    ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"],
-     "needs --attribute_loss or --agreement_loss (the objectives it trains)"),
+    ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"]
+     or c["masked_attribute_loss"], "needs --attribute_loss, --agreement_loss or --masked_attribute_loss (the "
+     "objectives it trains)"),
     ("pretrain_epochs", lambda c: c["pretrain_epochs"] < c["epochs"], "must be below epochs"),
     ("attribute_smoothing", lambda c: c["label_smoothing"] + c["attribute_smoothing"] < 1,
      "label_smoothing + attribute_smoothing must stay below 1 (the target keeps the rest)"),
@@ -424,7 +429,8 @@ class Config(Mapping):
 SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto' is resolved for the data
 
 
-HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start")
+HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start", "masked_attribute_loss",
+                   "mask_prob")
 
 
 def run_hash(cfg):
@@ -1825,7 +1831,9 @@ class HoloMamba(Recommender):
     separable: unbinding e_i with r_f returns ā_{i,f} plus noise, and since <h, r_f ⊛ a> = <h ⊛ r_f*, a>, the
     attribute part of an item's score is the state unbound by each role, scored against the attribute. The
     attribute objectives train exactly that: attribute_loss asks each state, unbound by r_f, for the next item's
-    attribute of field f; agreement_loss asks each target item's vector the same of its own attributes.
+    attribute of field f; agreement_loss asks each target item's vector the same of its own attributes;
+    masked_attribute_loss masks input items and asks each masked position's two-sided context (the causal state
+    plus a backward encoder's, which exists for this objective only) for the masked item's attributes.
     frequency_mixing=B weighs the two parts of e_i by the item's popularity bucket b(i) = min(floor(log2(1 + count)),
     B - 1): e_i = u_b(i) · (item part) + s_b(i) · (role fillers), u and s learned, starting at 1.
     Optional: temporal bundling (bundle_k) and a long-term holographic memory (memory_slots) over memory_len
@@ -1865,6 +1873,7 @@ class HoloMamba(Recommender):
         self.scan_backend = "parallel"
         self.binding, self.item_dropout = cfg["binding"], cfg["item_dropout"]
         self.attribute_loss, self.agreement_loss = cfg["attribute_loss"], cfg["agreement_loss"]
+        self.masked_attribute_loss, self.mask_prob = cfg["masked_attribute_loss"], cfg["mask_prob"]
         if self.binding != "item":  # fixed roles from their own generator: the other weights start as without them
             fields = catalog.attribute_fields
             roles = unitary_vectors(catalog.n_fields + 1, d, torch.Generator().manual_seed(0))
@@ -1881,6 +1890,11 @@ class HoloMamba(Recommender):
                                  persistent=False)
             self.item_mix = nn.Parameter(torch.ones(self.frequency_mixing))
             self.attribute_mix = nn.Parameter(torch.ones(self.frequency_mixing))
+        if self.use_binding and self.masked_attribute_loss:  # last, so every other weight starts as without it
+            self.mask_vector = nn.Parameter(torch.randn(d))  # in place of a normalised item vector, of its scale
+            self.backward_mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"])
+                                                 for _ in range(cfg["n_layers"]))
+            self.backward_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"] + 1))
         # what this variant never reads is frozen (AdamW skips it either way); DDP would wait for its gradient
         unread = ["alpha"] if self.binding == "roles" else []
         if not self.use_binding:
@@ -1891,7 +1905,7 @@ class HoloMamba(Recommender):
 
     def set_scan_backend(self, name):
         self.scan_backend = name
-        for mixer in self.mixers:
+        for mixer in [*self.mixers, *getattr(self, "backward_mixers", [])]:
             mixer.use_backend(name)
 
     def item_vectors(self, ids, drop=0.0):
@@ -1934,26 +1948,48 @@ class HoloMamba(Recommender):
         """Encoder input: the normalised item vector (item dropout in training)."""
         return self.emb_norm(self.item_vectors(ids, self.item_dropout if self.training else 0.0))
 
-    def attribute_objectives(self, hidden, targets):
-        """The weighted attribute losses (see the class): cross-entropy over the attribute vocabulary of each
-        field's unbinding, for every attribute slot of every target item ('no attribute' and padding carry none)."""
-        if not (self.training and targets is not None and (self.attribute_loss or self.agreement_loss)):
+    def attribute_objectives(self, hidden, targets, seq=None):
+        """The weighted attribute losses of training (see the class); 0.0 when none is set."""
+        if not (self.training and targets is not None and self.has_attribute_objectives):
             return 0.0
-        attrs, fields = self.item_attributes[targets], self.attribute_fields[targets]  # (b, t, A)
-        labels = torch.where(attrs > 1, attrs, -100).flatten()
-        count = labels.ne(-100).sum().clamp(min=1)
-
-        table = self.bound_attributes()  # (F + 1, V + 1, d)
-
-        def field_loss(vectors):  # (b, t, d): <v ⊛ r_f*, a> = <v, r_f ⊛ a>, so one product scores every field
-            scores = torch.einsum("btd,fvd->btfv", vectors, table.to(vectors.dtype))  # (b, t, F + 1, V + 1)
-            logits = scores.gather(2, fields.unsqueeze(-1).expand(*fields.shape, scores.shape[-1]))
-            return F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum") / count
-
-        loss = self.attribute_loss * field_loss(hidden) if self.attribute_loss else 0.0
+        loss = self.attribute_loss * self.unbinding_loss(hidden, targets) if self.attribute_loss else 0.0
         if self.agreement_loss:
-            loss = loss + self.agreement_loss * field_loss(self.item_vectors(targets))
+            loss = loss + self.agreement_loss * self.unbinding_loss(self.item_vectors(targets), targets)
+        if self.masked_attribute_loss and seq is not None:
+            loss = loss + self.masked_attribute_loss * self.masked_attribute_prediction(seq)
         return loss
+
+    def unbinding_loss(self, vectors, items):
+        """Mean cross-entropy over the attribute vocabulary of each field's unbinding of vectors (b, t, d), for
+        every attribute slot of items (b, t) ('no attribute' and padding, item 0 included, carry none)."""
+        attrs, fields = self.item_attributes[items], self.attribute_fields[items]  # (b, t, A)
+        labels = torch.where(attrs > 1, attrs, -100).flatten()
+        table = self.bound_attributes().to(vectors.dtype)  # (F + 1, V + 1, d)
+        # <v ⊛ r_f*, a> = <v, r_f ⊛ a>, so one product scores every field
+        scores = torch.einsum("btd,fvd->btfv", vectors, table)  # (b, t, F + 1, V + 1)
+        logits = scores.gather(2, fields.unsqueeze(-1).expand(*fields.shape, scores.shape[-1]))
+        return (F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
+                / labels.ne(-100).sum().clamp(min=1))
+
+    def masked_attribute_prediction(self, seq):
+        """S3Rec's masked-attribute prediction in holographic form: each input item is replaced by a learned mask
+        vector with probability mask_prob; the masked sequence runs through the causal encoder and, reversed,
+        through a backward encoder of its own; at a masked position the sum of the two states has seen every item
+        but the masked one, and its unbinding by each role classifies the masked item's attributes."""
+        masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
+        return self.unbinding_loss(self.masked_context(seq, masked), torch.where(masked, seq, 0))
+
+    def masked_context(self, seq, masked):
+        """(b, t, d): the causal encoder's state plus the backward encoder's, over seq with the items where masked
+        (b, t) replaced by the mask vector: at a masked position, every item of the row but that one."""
+        e = self.embed(seq)
+        e = torch.where(masked.unsqueeze(-1), self.mask_vector.to(e.dtype), e)
+        mask = seq.gt(0).unsqueeze(-1).to(e.dtype)
+        x = self.dropout(e) * mask
+        back, back_mask = x.flip(1), mask.flip(1)  # reversed, the padding trails, so no real step reads it
+        for mixer, norm in zip(self.backward_mixers, self.backward_norms):
+            back = back + self.dropout(mixer(norm(back), back_mask))
+        return self.encode(x, mask) + self.backward_norms[-1](back).flip(1)
 
     def attribute_neighbours(self, table):
         """(n_items + 1, d): for each item, the mean over its attributes of the mean output vector of the items
@@ -1976,7 +2012,7 @@ class HoloMamba(Recommender):
 
     @property
     def has_attribute_objectives(self):
-        return bool(self.use_binding and (self.attribute_loss or self.agreement_loss))
+        return bool(self.use_binding and (self.attribute_loss or self.agreement_loss or self.masked_attribute_loss))
 
     def output_table(self):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
@@ -2010,7 +2046,7 @@ class HoloMamba(Recommender):
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         hidden = self.encode(self.dropout(self.embed(seq)) * mask, mask)
         targets = next_targets(batch, hidden.shape[1])
-        return Output(hidden, targets, self.attribute_objectives(hidden, targets))
+        return Output(hidden, targets, self.attribute_objectives(hidden, targets, seq))
 
     def with_memory(self, batch):
         """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
@@ -2109,7 +2145,7 @@ class MambaItemOnly(HoloMamba):
     """The item-only ablation: HoloMamba with the same parameters, attributes never bound."""
     name, use_binding = "Mamba-ItemOnly", False
 
-    def attribute_objectives(self, hidden, targets):
+    def attribute_objectives(self, hidden, targets, seq=None):
         return 0.0  # no attributes, no attribute losses
 
 

@@ -127,6 +127,60 @@ def test_attribute_objectives_shape_value_and_gradients(synthetic, weights):
     assert model(H.Batch(seq[:, :-1], seq[:, 1:])).aux_loss == 0.0  # training only
 
 
+def test_masked_attribute_context_reads_every_item_but_the_masked_one(synthetic):
+    """At a masked position the two-sided context depends on the items before and after it, never on the masked
+    item itself, and left padding changes no real position's context."""
+    model = model_of(synthetic, masked_attribute_loss=1.0).eval()
+    seq = torch.randint(1, synthetic.n_items + 1, (2, 10), generator=torch.Generator().manual_seed(4))
+    masked = torch.zeros_like(seq, dtype=torch.bool)
+    masked[:, 5] = True
+    with torch.no_grad():
+        context = model.masked_context(seq, masked)
+        other = seq.clone()
+        other[:, 5] = seq[:, 5] % synthetic.n_items + 1
+        torch.testing.assert_close(model.masked_context(other, masked), context, rtol=0, atol=0)
+        for position in (2, 8):  # an item before, then an item after the masked one
+            other = seq.clone()
+            other[:, position] = seq[:, position] % synthetic.n_items + 1
+            assert (model.masked_context(other, masked)[:, 5] - context[:, 5]).abs().max() > 1e-4
+        padded = torch.cat([torch.zeros(2, 3, dtype=seq.dtype), seq], 1)
+        padded_mask = torch.cat([torch.zeros(2, 3, dtype=torch.bool), masked], 1)
+        torch.testing.assert_close(model.masked_context(padded, padded_mask)[:, 3:], context, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_attribute_loss_value_gradients_and_initial_weights(synthetic):
+    """The loss is the cross-entropy of each role's unbinding of the context at the masked positions against
+    the masked items' attributes; it trains the backward encoder, the mask vector, the attribute table and the
+    causal encoder; every weight the model shares with the preset's starts as it does there."""
+    plain, model = model_of(synthetic), model_of(synthetic, masked_attribute_loss=1.0, mask_prob=0.3)
+    shared = plain.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in model.state_dict().items() if k in shared)
+    assert {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in shared} == \
+        {"mask_vector", "backward_mixers", "backward_norms"}
+    model.train()
+    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
+    seq[0, :5] = 0
+    torch.manual_seed(7)
+    loss = model.masked_attribute_prediction(seq)
+    torch.manual_seed(7)
+    masked = seq.gt(0) & (torch.rand(seq.shape) < 0.3)
+    assert 0 < masked.sum() < seq.gt(0).sum() and not masked[0, :5].any()
+    context = model.masked_context(seq, masked)[masked]
+    items = seq[masked]
+    unbound = H.unbind(context, model.roles[model.attribute_fields[items, 0]], exact=False)
+    expected = F.cross_entropy(unbound @ model.attr_emb.weight.T, model.item_attributes[items, 0])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    for param in (model.mask_vector, model.backward_mixers[0].in_proj.weight, model.attr_emb.weight,
+                  model.mixers[0].in_proj.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    out = model(H.Batch(seq[:, :-1], seq[:, 1:]))  # the forward adds it as the model's auxiliary loss
+    assert out.aux_loss.dim() == 0 and out.aux_loss > 0
+    assert model.has_attribute_objectives and model.eval()(H.Batch(seq[:, :-1], seq[:, 1:])).aux_loss == 0.0
+    with pytest.raises(H.ConfigError, match="--masked_attribute_loss=1.0: needs --binding=roles or both"):
+        H.config("synthetic", masked_attribute_loss=1.0)
+
+
 def test_attribute_losses_need_roles():
     with pytest.raises(H.ConfigError, match="--attribute_loss=1.0: needs --binding=roles or both"):
         H.config("synthetic", attribute_loss=1.0)
