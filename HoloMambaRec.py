@@ -40,6 +40,7 @@ import functools
 import gc
 import gzip
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -284,7 +285,7 @@ CONFIG_TABLE = {
     "device": Key("auto", "system", device_name, "auto | cpu | cuda | cuda:N"),
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
-    "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else torch) | cce (that kernel: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
+    "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (the chunked loss over catalogs above ce_chunk; up to it, cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else F.cross_entropy) | cce (that kernel at every catalog size: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
     "compile": Key(False, "system", None, "torch.compile the training forward (fused element-wise kernels; on CUDA still captured as a CUDA graph) and, on the CPU, the streaming step"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
@@ -1908,13 +1909,15 @@ class HoloMamba(Recommender):
         for mixer in [*self.mixers, *getattr(self, "backward_mixers", [])]:
             mixer.use_backend(name)
 
-    def item_vectors(self, ids, drop=0.0):
-        """The holographic item vector of `binding` (see the class). With several attributes, item binding
-        distributes over their bundle: Σ_j x ⊛ a_j = x ⊛ Σ_j a_j, so one FFT product binds them all. `drop`
-        zeroes the item-specific part (x and x ⊛ ā) of each vector with that probability, keeping the roles."""
-        e = self.item_emb(ids)
+    def item_vectors(self, ids=None, drop=0.0):
+        """The holographic item vector of `binding` (see the class) of each id; ids None: of every item, from the
+        whole tables (no lookup, whose backward would sort a million ids to sum one gradient row each). With
+        several attributes, item binding distributes over their bundle: Σ_j x ⊛ a_j = x ⊛ Σ_j a_j, so one FFT
+        product binds them all. `drop` zeroes the item-specific part (x and x ⊛ ā) of each vector with that
+        probability, keeping the roles."""
+        e = self.item_emb.weight if ids is None else self.item_emb(ids)
         if self.use_binding and self.binding != "roles":
-            attrs = self.item_attributes[ids]
+            attrs = self.item_attributes if ids is None else self.item_attributes[ids]
             a = self.attr_emb(attrs).sum(-2) / attrs.gt(0).sum(-1, keepdim=True).clamp(min=1)
             e = e + self.alpha * bind(e, a)
         if drop:
@@ -1922,7 +1925,7 @@ class HoloMamba(Recommender):
         if self.use_binding and self.binding != "item":
             fillers = self.role_fillers(ids)
             if self.frequency_mixing:  # how much of each part an item of this popularity gets
-                bucket = self.popularity_bucket[ids]
+                bucket = self.popularity_bucket if ids is None else self.popularity_bucket[ids]
                 e = e * self.item_mix[bucket].unsqueeze(-1).to(e.dtype)
                 fillers = fillers * self.attribute_mix[bucket].unsqueeze(-1).to(fillers.dtype)
             e = e + fillers
@@ -1940,9 +1943,10 @@ class HoloMamba(Recommender):
         slots are looked up with an embedding: its backward sums the many repeats of a popular attribute with a
         sorted segment reduction, where indexing's backward would pile atomic adds onto a few rows."""
         table = self.bound_attributes() * self.field_gain[:, None, None]
-        rows = self.attribute_fields[ids] * table.shape[1] + self.item_attributes[ids]
-        filled = F.embedding(rows, table.flatten(0, 1))  # (..., A, d)
-        return (filled * self.slot_weights[ids].unsqueeze(-1).to(filled.dtype)).sum(-2)
+        fields, attrs, weights = ((t if ids is None else t[ids]) for t in
+                                  (self.attribute_fields, self.item_attributes, self.slot_weights))
+        filled = F.embedding(fields * table.shape[1] + attrs, table.flatten(0, 1))  # (..., A, d)
+        return (filled * weights.unsqueeze(-1).to(filled.dtype)).sum(-2)
 
     def embed(self, ids):
         """Encoder input: the normalised item vector (item dropout in training)."""
@@ -2016,7 +2020,7 @@ class HoloMamba(Recommender):
 
     def output_table(self):
         """Scores are tied to the (unnormalised) item vectors, so attributes shape the output side too."""
-        return self.item_vectors(torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device))
+        return self.item_vectors()
 
     def encode(self, x, mask, final=True):
         """The residual stream after the blocks, through the final norm (final=False: before it)."""
@@ -2461,27 +2465,56 @@ def popularity_log_q(item_counts, device):
     return (counts / counts.sum()).log().float()
 
 
+def chunk_statistics(hidden, part):
+    """One chunk of the catalog: per row of the logits z = hidden · part^T, (max z, Σ exp(z - max z), Σ z), in fp32
+    at least (the product in the inputs' dtype)."""
+    z = (hidden @ part.T).to(torch.promote_types(hidden.dtype, torch.float32))
+    top = z.amax(1)
+    return top, torch.exp(z - top[:, None]).sum(1), z.sum(1)
+
+
+def chunk_logit_gradient(hidden, part, lse, weight, floor):
+    """One chunk: d loss / d logits bar the target, (softmax - floor) · row weight, in the inputs' dtype (the
+    softmax arithmetic in lse's)."""
+    z = (hidden @ part.T).to(lse.dtype)
+    return ((torch.exp(z - lse[:, None]) - floor) * weight[:, None]).to(hidden.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_chunk_ops(device_type):
+    """(chunk_statistics, chunk_logit_gradient) for tensors on device_type: on CUDA each compiled, so that one
+    kernel reads a chunk's logits once for all its element-wise work and reductions (eager would write and read
+    them again for every operation: at 1M items that traffic is most of the step); as they are elsewhere, and
+    where Triton, which compiles them, is missing."""
+    if device_type != "cuda" or importlib.util.find_spec("triton") is None:
+        return chunk_statistics, chunk_logit_gradient
+    return torch.compile(chunk_statistics, dynamic=False), torch.compile(chunk_logit_gradient, dynamic=False)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy of logits h · W^T over a catalog W (V, d), the catalog taken `chunk` items at a
     time: the (N, V) logits never exist at once (a running log-sum-exp), and the backward recomputes each chunk's
     logits. With label smoothing ε, as F.cross_entropy: loss = lse - (1 - ε) z_target - ε · mean_v z_v; rows whose
-    target is negative are ignored. The matrix products run in the inputs' dtype (bf16 under autocast), the
-    softmax arithmetic in fp32. tests/test_loss.py holds it equal to F.cross_entropy."""
+    target is negative are ignored. The matrix products run in the inputs' dtype (next_item_loss passes bf16 under
+    CUDA autocast), the softmax arithmetic in fp32, each chunk's element-wise work fused on CUDA (fused_chunk_ops).
+    tests/test_loss.py holds it equal to F.cross_entropy."""
 
     @staticmethod
     def forward(ctx, hidden, table, targets, smoothing, chunk):
-        work = torch.promote_types(hidden.dtype, torch.float32)  # the softmax arithmetic in fp32 at least
+        statistics, _ = fused_chunk_ops(hidden.device.type)
         valid = targets.ge(0)
         safe = targets.clamp(min=0)
-        top = torch.full((len(hidden),), float("-inf"), device=hidden.device, dtype=work)
-        total, sum_logits = torch.zeros_like(top), torch.zeros_like(top)
+        top = None
         for start in range(0, len(table), chunk):
-            z = (hidden @ table[start:start + chunk].T).to(work)
-            new_top = torch.maximum(top, z.amax(1))
-            total = total * torch.exp(top - new_top) + torch.exp(z - new_top[:, None]).sum(1)
-            top, sum_logits = new_top, sum_logits + z.sum(1)
+            chunk_top, chunk_total, chunk_sum = statistics(hidden, table[start:start + chunk])
+            if top is None:
+                top, total, sum_logits = chunk_top, chunk_total, chunk_sum
+                continue
+            new_top = torch.maximum(top, chunk_top)
+            total = total * torch.exp(top - new_top) + chunk_total * torch.exp(chunk_top - new_top)
+            top, sum_logits = new_top, sum_logits + chunk_sum
         lse = top + torch.log(total)
-        target_logits = (hidden * table[safe]).sum(1).to(work)
+        target_logits = (hidden * table[safe]).sum(1).to(lse.dtype)
         rows = lse - (1 - smoothing) * target_logits - smoothing * sum_logits / len(table)
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(hidden, table, safe, lse, valid, count)
@@ -2491,20 +2524,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, table, safe, lse, valid, count = ctx.saved_tensors
+        _, logit_gradient = fused_chunk_ops(hidden.device.type)
         eps, n = ctx.smoothing, len(table)
         work = lse.dtype
         weight = (grad * valid / count).to(work)  # d loss / d row
-        h = hidden.to(work)
-        grad_hidden, grad_table = torch.zeros_like(h), torch.zeros(table.shape, device=table.device, dtype=work)
+        grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=work)
+        grad_table = torch.zeros(table.shape, device=table.device, dtype=work)
         for start in range(0, n, ctx.chunk):
             part = table[start:start + ctx.chunk]
-            z = (hidden @ part.T).to(work)
-            p = (torch.exp(z - lse[:, None]) - eps / n) * weight[:, None]  # d loss / d logits, bar the target
-            grad_hidden += p @ part.to(work)
-            grad_table[start:start + ctx.chunk] = p.T @ h
+            p = logit_gradient(hidden, part, lse, weight, eps / n)  # (N, chunk), in the inputs' dtype
+            grad_hidden += (p @ part).to(work)
+            grad_table[start:start + ctx.chunk] = (p.T @ hidden).to(work)
         target = (1 - eps) * weight[:, None]
         grad_hidden -= target * table[safe].to(work)
-        grad_table.index_add_(0, safe, -target * h)
+        grad_table.index_add_(0, safe, -target * hidden.to(work))
         return grad_hidden.to(hidden.dtype), grad_table.to(table.dtype), None, None, None
 
 
@@ -2556,9 +2589,10 @@ def loss_path(cfg, n_items, device):
     cut-cross-entropy, chunked, torch (F.cross_entropy) or sampled."""
     if cfg["num_negatives"]:
         return "sampled"
-    if uses_cce(cfg, device):
-        return "cut-cross-entropy"
-    return "chunked" if cfg["ce_chunk"] and n_items > cfg["ce_chunk"] else "torch"
+    chunked = cfg["ce_chunk"] and n_items > cfg["ce_chunk"]
+    if uses_cce(cfg, device) and not (chunked and cfg["ce_kernel"] == "auto"):
+        return "cut-cross-entropy"  # above ce_chunk the chunked loss is faster (README, Efficiency)
+    return "chunked" if chunked else "torch"
 
 
 def attribute_smoothing_term(hidden, table, targets, neighbours):
@@ -2584,8 +2618,10 @@ def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0, neighbours
     path = loss_path(cfg, len(table) - 1, hidden.device)
     if path == "cut-cross-entropy":
         loss = fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"])
-    elif path == "chunked":
-        loss = ChunkedCrossEntropy.apply(hidden.flatten(0, 1), table[1:].to(hidden.dtype), targets.flatten() - 1,
+    elif path == "chunked":  # products in the autocast dtype: the backward runs outside autocast
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled(hidden.device.type) and \
+            hidden.is_cuda else hidden.dtype
+        loss = ChunkedCrossEntropy.apply(hidden.flatten(0, 1).to(dtype), table[1:].to(dtype), targets.flatten() - 1,
                                          cfg["label_smoothing"], cfg["ce_chunk"])
     elif path == "torch":
         logits = (hidden @ table[1:].T).flatten(0, 1).float()
