@@ -2619,8 +2619,8 @@ def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0, neighbours
     if path == "cut-cross-entropy":
         loss = fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"])
     elif path == "chunked":  # products in the autocast dtype: the backward runs outside autocast
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled(hidden.device.type) and \
-            hidden.is_cuda else hidden.dtype
+        autocast_on = hidden.is_cuda and torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast_on else hidden.dtype
         loss = ChunkedCrossEntropy.apply(hidden.flatten(0, 1).to(dtype), table[1:].to(dtype), targets.flatten() - 1,
                                          cfg["label_smoothing"], cfg["ce_chunk"])
     elif path == "torch":
@@ -3105,7 +3105,7 @@ def freeze_base(model, model_name, cfg):
     """warm_start=frozen: only the parameters a memory extension adds to its base model stay trainable."""
     base_name, base_cfg = model_class(model_name).extends(cfg)
     with torch.device("meta"):  # the base's parameter names, without allocating it
-        names = set(dict(MODELS[base_name](base_cfg, model.catalog).named_parameters()))
+        names = set(dict(model_class(base_name)(base_cfg, model.catalog).named_parameters()))
     for name, param in model.named_parameters():
         param.requires_grad_(param.requires_grad and name not in names)
 
