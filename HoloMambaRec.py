@@ -213,6 +213,7 @@ CONFIG_TABLE = {
     "memory_lens": Key("", "stage", optional(positive_ints()), "memory stage: the memory_len values compared, e.g. 200,500,1000 (empty: memory_len alone)"),
     "efficiency_batch": Key(64, "stage", above(0), "efficiency stage: training / inference batch size (the longest lengths get fewer: see efficiency_tokens)"),
     "efficiency_tokens": Key(131072, "stage", above(0), "efficiency stage: a length L runs a batch of min(efficiency_batch, efficiency_tokens // L), so batch x L stays constant at the longest lengths"),
+    "efficiency_mixers": Key("mamba", "stage", names_in("mamba", "mamba2"), "efficiency stage: HoloMamba is also measured with each of these mixers that is not the config's own, side by side (rows named HoloMamba (Mamba-1) or HoloMamba (Mamba-2); the config's own mixer's rows are named HoloMamba)"),
     "efficiency_items": Key(3416, "stage", above(0), "efficiency stage: catalog size of the sequence-length rows (ML-1M's)"),
     "efficiency_catalogs": Key("10000,100000,1000000", "stage", positive_ints(), "efficiency stage: catalog sizes for full vs sampled softmax"),
     "efficiency_negatives": Key(256, "stage", above(0), "efficiency stage: negatives of the sampled-softmax catalog rows"),
@@ -237,6 +238,8 @@ CONFIG_TABLE = {
     "d_state": Key(16, "model", above(0), "Mamba state size N per channel"),
     "d_conv": Key(4, "model", above(0), "Mamba depthwise causal convolution width"),
     "expand": Key(2, "model", above(0), "Mamba inner width = expand * d_model"),
+    "mixer": Key("mamba", "model", one_of("mamba", "mamba2"), "HoloMamba's sequence mixer: mamba (Mamba-1, selective scan, A and Δ per channel) | mamba2 (Mamba-2 / SSD: A and Δ per head of headdim channels, B and C shared; mamba-ssm's chunked Triton scan on CUDA)"),
+    "headdim": Key(32, "model", above(0), "mixer=mamba2: channels per head (must divide expand * d_model)"),
     "ffn": Key(True, "model", None, "position-wise feed-forward sublayer after each Mamba block (as Mamba4Rec)"),
     "dropout": Key(0.2, "model", fraction(), "dropout on embeddings and sublayer outputs"),
     "n_heads": Key(1, "model", above(0), "SASRec attention heads"),
@@ -284,6 +287,7 @@ CONFIG_TABLE = {
     # ---- system -------------------------------------------------------------------------------------
     "device": Key("auto", "system", device_name, "auto | cpu | cuda | cuda:N"),
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
+    "ssd_chunk": Key(64, "system", above(0), "mixer=mamba2 on CUDA: the chunked scan's chunk length in steps"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
     "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (the chunked loss over catalogs above ce_chunk; up to it, cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else F.cross_entropy) | cce (that kernel at every catalog size: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
@@ -303,6 +307,8 @@ GLOBAL_CONFIG = {name: key.default for name, key in CONFIG_TABLE.items()}
 # Checks that involve two keys: (key named in the error, predicate over the config, what is wrong).
 CROSS_CHECKS = [
     ("n_heads", lambda c: c["d_model"] % c["n_heads"] == 0, "must divide d_model"),
+    ("headdim", lambda c: c["mixer"] != "mamba2" or c["expand"] * c["d_model"] % c["headdim"] == 0,
+     "must divide expand * d_model"),
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
     ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
     ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
@@ -431,7 +437,7 @@ SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto
 
 
 HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start", "masked_attribute_loss",
-                   "mask_prob")
+                   "mask_prob", "mixer", "headdim")
 
 
 def run_hash(cfg):
@@ -1367,11 +1373,13 @@ def selective_scan_parallel(u, delta, A, B, C, D, state=None):
 
 @functools.lru_cache(maxsize=None)
 def cuda_kernels():
-    """(mamba-ssm's selective_scan_fn, causal-conv1d's causal_conv1d_fn), imported on first use on a CUDA
-    device; None for a package that is missing or was built for another torch / CUDA."""
+    """(mamba-ssm's selective_scan_fn, causal-conv1d's causal_conv1d_fn, mamba-ssm's Mamba-2 chunked scan
+    mamba_chunk_scan_combined), imported on first use on a CUDA device; None for a package that is missing or
+    was built for another torch / CUDA (the chunked scan also needs Triton)."""
     kernels = []
     for module, name in (("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-                         ("causal_conv1d", "causal_conv1d_fn")):
+                         ("causal_conv1d", "causal_conv1d_fn"),
+                         ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")):
         try:
             kernels.append(getattr(__import__(module, fromlist=[name]), name))
         except Exception:
@@ -1390,19 +1398,23 @@ def selective_scan_cuda(u, delta, A, B, C, D, state=None):
 
 SCAN_BACKENDS = {"reference": selective_scan_reference, "parallel": selective_scan_parallel,
                  "cuda": selective_scan_cuda}
+MIXERS = {"mamba": 0, "mamba2": 2}  # the mixer's kernel in cuda_kernels()
+MIXER_LABELS = {"mamba": "Mamba-1", "mamba2": "Mamba-2"}
 
 
-def pick_scan_backend(name, device):
-    """auto: the mamba-ssm kernel on CUDA when it imports, else the parallel scan on a GPU, and on the CPU the
-    plain loop over time, which is 2 to 46 times faster there than the parallel scan's copies (README)."""
+def pick_scan_backend(name, device, mixer="mamba"):
+    """auto: the mixer's mamba-ssm kernel on CUDA when it imports, else the parallel scan on a GPU, and on the CPU
+    the plain loop over time, which is 2 to 46 times faster there than the parallel scan's copies (README)."""
     device = torch.device(device)
+    kernel = cuda_kernels()[MIXERS[mixer]] if device.type == "cuda" else None
     if name == "auto":
         if device.type != "cuda":
             return "reference"
-        name = "cuda" if cuda_kernels()[0] is not None else "parallel"
-    if name == "cuda" and (device.type != "cuda" or cuda_kernels()[0] is None):
-        raise ConfigError("--scan_backend=cuda needs a CUDA device and the mamba-ssm package "
-                          "(pip install mamba-ssm); use --scan_backend=parallel")
+        name = "cuda" if kernel is not None else "parallel"
+    if name == "cuda" and kernel is None:
+        needs = "the mamba-ssm package" + (" and Triton" if mixer == "mamba2" else "")
+        raise ConfigError(f"--scan_backend=cuda needs a CUDA device and {needs} (pip install mamba-ssm); "
+                          "use --scan_backend=parallel")
     return name
 
 
@@ -1410,7 +1422,8 @@ class MambaBlock(nn.Module):
     """Mamba-1 mixer: input projection, depthwise causal conv, input-dependent (Δ, B, C), diagonal
     A = -exp(A_log), SiLU-gated output. `mask` (b, l, 1) makes left padding inert: padded steps neither
     feed nor decay the state, so outputs equal those of the unpadded sequence. The scan backend is chosen
-    once (use_backend), never per call."""
+    once (use_backend), never per call. The plain forward and the streaming step go through three hooks that
+    Mamba2Block overrides: split_projection, ssm_inputs and ssm_parameters."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, scan_backend="parallel"):
         super().__init__()
@@ -1423,10 +1436,8 @@ class MambaBlock(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1).float()).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-        # Δ starts log-uniform in [1e-3, 1e-1], as in Mamba: bias = softplus^-1(Δ).
-        dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.dt_proj.bias.copy_(initial_dt_bias(d_inner))
         self.use_backend(scan_backend)
 
     def use_backend(self, name):
@@ -1434,22 +1445,32 @@ class MambaBlock(nn.Module):
         self.scan_backend, self.scan = name, SCAN_BACKENDS[name]
         self.conv_kernel = cuda_kernels()[1] if name == "cuda" else None
 
-    def ssm_inputs(self, x):
-        """(Δ, B, C) from the conv output x (.., d_inner)."""
+    def split_projection(self, projected):
+        """The input projection's output -> (the convolution's input, the gate, what else the SSM reads)."""
+        x, z = projected.chunk(2, dim=-1)
+        return x, z, None
+
+    def ssm_inputs(self, x, extra=None):
+        """The convolution's output -> (the scan's input, Δ, B, C), each (.., channels)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.softplus(self.dt_proj(dt)), B, C
+        return x, F.softplus(self.dt_proj(dt)), B, C
+
+    def ssm_parameters(self):
+        """(A (d_inner, d_state), D (d_inner,)) in fp32."""
+        return -torch.exp(self.A_log.float()), self.D.float()
 
     def forward(self, hidden, mask=None):
         if mask is not None:
             hidden = hidden * mask
         if self.scan_backend == "cuda":
             return self.forward_kernels(hidden, mask)
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z, extra = self.split_projection(self.in_proj(hidden))
         x = F.silu(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
         if mask is not None:  # padded steps feed nothing, so the state stays zero through the left padding
             x = x * mask
-        delta, B, C = self.ssm_inputs(x)
-        y, _ = self.scan(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float())
+        x, delta, B, C = self.ssm_inputs(x, extra)
+        A, D = self.ssm_parameters()
+        y, _ = self.scan(x, delta, A, B, C, D)
         return self.out_proj(y * F.silu(z))
 
     def forward_kernels(self, hidden, mask=None):
@@ -1472,20 +1493,85 @@ class MambaBlock(nn.Module):
         return F.linear(y.transpose(1, 2), self.out_proj.weight)
 
     def init_state(self, batch, device):
-        d_inner = self.D.shape[0]
-        return (torch.zeros(batch, d_inner, self.d_conv, device=device),
-                torch.zeros(batch, d_inner, self.d_state, device=device))
+        return (torch.zeros(batch, self.conv.in_channels, self.d_conv, device=device),
+                torch.zeros(batch, self.out_proj.in_features, self.d_state, device=device))
 
     def step(self, hidden, state):
         """One time step: hidden (b, d_model) -> output (b, d_model), new state. O(1) in history length."""
         conv_state, ssm_state = state
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z, extra = self.split_projection(self.in_proj(hidden))
         conv_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1)], dim=-1)
         x = F.silu((conv_state * self.conv.weight.squeeze(1)).sum(-1) + self.conv.bias)
-        delta, B, C = self.ssm_inputs(x)
-        y, ssm_state = selective_scan_reference(*(t.unsqueeze(1) for t in (x, delta)), -torch.exp(self.A_log.float()),
-                                                B.unsqueeze(1), C.unsqueeze(1), self.D.float(), ssm_state)
+        x, delta, B, C = self.ssm_inputs(x, extra)
+        A, D = self.ssm_parameters()
+        y, ssm_state = selective_scan_reference(x.unsqueeze(1), delta.unsqueeze(1), A, B.unsqueeze(1),
+                                                C.unsqueeze(1), D, ssm_state)
         return self.out_proj(y[:, 0] * F.silu(z)), (conv_state, ssm_state)
+
+
+def initial_dt_bias(width):
+    """Δ starts log-uniform in [1e-3, 1e-1], as in Mamba: the bias is softplus^-1(Δ)."""
+    dt = torch.exp(torch.rand(width) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba2Block(MambaBlock):
+    """Mamba-2 mixer (SSD): one projection gives the gate z, the scan input x, B, C (one group, shared by the
+    heads) and one Δ per head; x, B and C go through the causal convolution together; A is one scalar per head.
+    The recurrence is Mamba-1's with Δ tied over a head's `headdim` channels and A tied over those channels and
+    the state, so the reference and parallel backends and the streaming step reuse Mamba-1's scans with the
+    per-head values repeated. On CUDA, mamba-ssm's chunked scan (Triton, matrix products on tensor cores over
+    chunks of `chunk` steps) with Δ's bias and softplus and the SiLU gate fused. As in Mamba-2, A starts uniform
+    in [1, 16] per head; unlike it there is no normalisation inside the block (the encoder normalises around it)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, headdim=32, chunk=64, scan_backend="parallel"):
+        nn.Module.__init__(self)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ConfigError(f"mixer=mamba2 needs expand * d_model ({d_inner}) divisible by headdim ({headdim})")
+        self.d_state, self.d_conv, self.headdim, self.chunk = d_state, d_conv, headdim, chunk
+        self.heads, width = d_inner // headdim, d_inner + 2 * d_state
+        self.in_proj = nn.Linear(d_model, width + d_inner + self.heads, bias=False)
+        self.conv = nn.Conv1d(width, width, d_conv, groups=width, padding=d_conv - 1)
+        self.dt_bias = nn.Parameter(initial_dt_bias(self.heads))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.use_backend(scan_backend)
+
+    def split_projection(self, projected):
+        width = self.conv.in_channels
+        return projected.split([width, width - 2 * self.d_state, self.heads], dim=-1)
+
+    def ssm_inputs(self, xbc, dt):
+        x, B, C = xbc.split([xbc.shape[-1] - 2 * self.d_state, self.d_state, self.d_state], dim=-1)
+        return x, F.softplus(dt + self.dt_bias).repeat_interleave(self.headdim, dim=-1), B, C
+
+    def ssm_parameters(self):
+        A = -torch.exp(self.A_log.float()).repeat_interleave(self.headdim)
+        return A.unsqueeze(-1).expand(-1, self.d_state), self.D.float().repeat_interleave(self.headdim)
+
+    def forward_kernels(self, hidden, mask=None):
+        """forward through mamba-ssm's chunked scan, in the (b, l, heads, headdim) layout it takes: no transposes
+        but the convolution's, every tensor in the dtype the kernel takes (bf16 under autocast)."""
+        xbc, z, dt = self.split_projection(self.in_proj(hidden))
+        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., : hidden.shape[1]].transpose(1, 2))
+        if mask is not None:
+            xbc = xbc * mask.to(xbc.dtype)
+        x, B, C = xbc.split([z.shape[-1], self.d_state, self.d_state], dim=-1)
+        heads = lambda t: t.unflatten(-1, (self.heads, self.headdim))  # noqa: E731
+        y = cuda_kernels()[2](heads(x), dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2),
+                              self.chunk, D=self.D.float(), z=heads(z), dt_bias=self.dt_bias.float(),
+                              dt_softplus=True)
+        return self.out_proj(y.flatten(-2))
+
+
+def make_mixer(cfg):
+    """The Mamba block that cfg['mixer'] names, with the config's sizes."""
+    if cfg["mixer"] == "mamba2":
+        return Mamba2Block(cfg["d_model"], cfg["d_state"], cfg["d_conv"], cfg["expand"], cfg["headdim"],
+                           cfg["ssd_chunk"])
+    return MambaBlock(cfg["d_model"], cfg["d_state"], cfg["d_conv"], cfg["expand"])
 
 
 # =====================================================================================================
@@ -1856,8 +1942,7 @@ class HoloMamba(Recommender):
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.emb_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg["dropout"])
-        self.mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"])
-                                    for _ in range(cfg["n_layers"]))
+        self.mixers = nn.ModuleList(make_mixer(cfg) for _ in range(cfg["n_layers"]))
         self.mixer_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"]))
         n_ffn = cfg["n_layers"] if cfg["ffn"] else 0
         self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
@@ -1893,8 +1978,7 @@ class HoloMamba(Recommender):
             self.attribute_mix = nn.Parameter(torch.ones(self.frequency_mixing))
         if self.use_binding and self.masked_attribute_loss:  # last, so every other weight starts as without it
             self.mask_vector = nn.Parameter(torch.randn(d))  # in place of a normalised item vector, of its scale
-            self.backward_mixers = nn.ModuleList(MambaBlock(d, cfg["d_state"], cfg["d_conv"], cfg["expand"])
-                                                 for _ in range(cfg["n_layers"]))
+            self.backward_mixers = nn.ModuleList(make_mixer(cfg) for _ in range(cfg["n_layers"]))
             self.backward_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"] + 1))
         # what this variant never reads is frozen (AdamW skips it either way); DDP would wait for its gradient
         unread = ["alpha"] if self.binding == "roles" else []
@@ -2406,7 +2490,7 @@ def build_model(name, data, cfg=None, device=None, **overrides):
     catalog = data.catalog if isinstance(data, SequenceData) else data
     model = model_class(name)(cfg, catalog)
     model.index = data.index if isinstance(data, SequenceData) else None
-    model.set_scan_backend(pick_scan_backend(cfg["scan_backend"], device))
+    model.set_scan_backend(pick_scan_backend(cfg["scan_backend"], device, cfg["mixer"]))
     return model.to(device)
 
 
@@ -3062,7 +3146,7 @@ def load(path, device=None):
     payload = read_checkpoint(path)
     device = pick_device("auto" if device is None else str(device))
     cfg = dict(payload["config"])
-    if cfg.get("scan_backend") == "cuda" and pick_scan_backend("auto", device) != "cuda":
+    if cfg.get("scan_backend") == "cuda" and pick_scan_backend("auto", device, cfg.get("mixer", "mamba")) != "cuda":
         cfg["scan_backend"] = "auto"  # trained with the CUDA kernel; the parallel scan computes the same here
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG alone
         model = build_model(payload["model"], Catalog(**payload["catalog"]), cfg, device)
@@ -3668,12 +3752,16 @@ def efficiency_stage(store, configs):
     cfg = store.cfg
     device = pick_device(cfg["device"])
     rows, catalog = [], []  # each row is written as soon as it is measured: a stage cut short keeps what it finished
+    others = [m for m in dict.fromkeys(as_list(cfg["efficiency_mixers"])) if m != cfg["mixer"]]
+    variants = [("HoloMamba", "HoloMamba", cfg), *((f"HoloMamba ({MIXER_LABELS[m]})", "HoloMamba", cfg.replace(mixer=m))
+                                                   for m in others), ("SASRec", "SASRec", cfg), ("GRU4Rec", "GRU4Rec", cfg)]
     for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
         batch = min(cfg["efficiency_batch"], max(1, cfg["efficiency_tokens"] // length))
-        for name in ("HoloMamba", "SASRec", "GRU4Rec"):
-            key = {"model": name, "max_len": length, "batch": batch, "device": str(device)}
-            rows.append(measured_or_skipped(key, measure_model, name, cfg.replace(max_len=length, efficiency_batch=batch),
-                                            device))
+        for label, name, variant in variants:
+            key = {"model": label, "max_len": length, "batch": batch, "device": str(device)}
+            rows.append({**measured_or_skipped(key, measure_model, name,
+                                               variant.replace(max_len=length, efficiency_batch=batch), device),
+                         "model": label})
             upsert_csv(store.results_dir / "efficiency.csv", rows[-1:], ["model", "max_len", "batch", "device"])
     for n in as_list(cfg["efficiency_catalogs"], int):
         for negatives in (0, cfg["efficiency_negatives"]):
@@ -3748,6 +3836,7 @@ def measure_model(name, cfg, device):
         many = torch.randint(1, n_items + 1, (STREAM_USERS, 2), device=device)
         events_per_s = STREAM_USERS * 1000 / streaming_step_ms(model, many, device) if model.recurrent else None
     return {"model": name, "max_len": cfg["max_len"], "batch": cfg["efficiency_batch"], "device": str(device),
+            "mixer": cfg["mixer"] if model.scan_backend else "",
             "scan_backend": model.scan_backend, "compiled": cfg["compile"],
             "train_seqs_per_s": cfg["efficiency_batch"] / train_s,
             "train_step_ms": 1000 * train_s, "train_peak_mem_mb": peak_mb,

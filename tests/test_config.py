@@ -100,10 +100,10 @@ def test_run_hash_covers_exactly_the_data_model_and_training_roles():
             continue  # a value out of range (e.g. ramrec bounds); covered by the string keys below
         assert (H.run_hash(other) != tag) == (key.role in H.HASHED_ROLES), name
     for name, value in [("attribute_mode", "first"), ("train_window", "random"), ("memory_binding", "bipolar"),
-                        ("dataset", "ml-1m")]:
+                        ("dataset", "ml-1m"), ("mixer", "mamba2"), ("headdim", 64)]:
         assert H.run_hash(cfg.replace(**{name: value})) != tag, name
     for name, value in [("preset", "paper"), ("stage", "grid"), ("seeds", "1"), ("results_dir", "x"),
-                        ("device", "cpu"), ("scan_backend", "reference"), ("data_dir", "/elsewhere"),
+                        ("device", "cpu"), ("scan_backend", "reference"), ("data_dir", "/elsewhere"), ("ssd_chunk", 128),
                         ("grid", "lr=0.1,0.2"), ("models", "SASRec")]:
         assert H.run_hash(cfg.replace(**{name: value})) == tag, name
 

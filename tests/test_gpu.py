@@ -7,6 +7,8 @@ import HoloMambaRec as H
 
 needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernels()[0] is None,
                                   reason="needs CUDA and mamba-ssm")
+needs_ssd = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernels()[2] is None,
+                               reason="needs CUDA, mamba-ssm and Triton")
 
 
 def scan_inputs(b=2, l=64, d=32, n=16, device="cuda"):
@@ -68,6 +70,28 @@ def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients(
         torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
 
 
+@needs_ssd
+def test_mamba2_chunked_kernel_matches_the_parallel_block_in_values_and_gradients():
+    """Mamba2Block through mamba-ssm's chunked scan (chunks of 16 steps, so a 40-step row spans three) against the
+    same block on the parallel scan, on left-padded input, in fp32."""
+    torch.manual_seed(0)
+    block = H.Mamba2Block(32, 16, headdim=16, chunk=16).cuda()
+    with torch.no_grad():
+        block.D.normal_()  # away from its initial ones, so a mix-up of heads shows
+    x = torch.randn(3, 40, 32, device="cuda", requires_grad=True)
+    mask = torch.ones(3, 40, 1, device="cuda")
+    mask[0, :25], mask[1, :3] = 0, 0
+    outs, grads = [], []
+    for backend in ("cuda", "parallel"):
+        block.use_backend(backend)
+        y = block(x, mask)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * mask).square().sum(), [x, *block.parameters()]))
+    torch.testing.assert_close(outs[0] * mask, outs[1] * mask, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or H.cce_kernel() is None, reason="needs CUDA and cut-cross-entropy")
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
@@ -114,11 +138,11 @@ def test_compiled_chunked_cross_entropy_equals_the_torch_loss_under_autocast(smo
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-def step_losses(name, graphs, resume_after=0, compiled=False):
+def step_losses(name, graphs, resume_after=0, compiled=False, **extra):
     """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step (of the model, or of
     torch.compile of it). With resume_after=n, an eager step trains the first n batches and hands its optimizer
     state to the step under test."""
-    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False)
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False, **extra)
     g = torch.Generator().manual_seed(0)
     batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
     torch.manual_seed(0)
@@ -141,6 +165,13 @@ def step_losses(name, graphs, resume_after=0, compiled=False):
 def test_cuda_graph_training_matches_eager(name):
     """The captured-and-replayed training step follows the eager step."""
     torch.testing.assert_close(step_losses(name, True), step_losses(name, False), rtol=1e-3, atol=1e-4)
+
+
+@needs_ssd
+def test_cuda_graph_training_with_the_mamba2_kernel_matches_eager():
+    """The chunked scan's Triton kernels tune on the warm-up steps before capture and then replay in the graph."""
+    torch.testing.assert_close(step_losses("HoloMamba", True, mixer="mamba2"),
+                               step_losses("HoloMamba", False, mixer="mamba2"), rtol=1e-3, atol=1e-4)
 
 
 @needs_kernel

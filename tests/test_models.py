@@ -210,6 +210,66 @@ def test_mamba_block_step_matches_forward():
             torch.testing.assert_close(out, full[:, t], rtol=1e-5, atol=1e-5)
 
 
+def ssd_per_head(block, hidden):
+    """Mamba-2's recurrence written per head, independently of the block's reuse of the Mamba-1 scan:
+    h_t = exp(Δ_t A_h) h_{t-1} + Δ_t x_t B_tᵀ (headdim x d_state per head), y_t = h_t C_t + D_h x_t."""
+    xbc, z, dt = block.in_proj(hidden).split([block.conv.in_channels, block.out_proj.in_features, block.heads], -1)
+    xbc = torch.nn.functional.silu(block.conv(xbc.transpose(1, 2))[..., : hidden.shape[1]].transpose(1, 2))
+    x, B, C = xbc.split([z.shape[-1], block.d_state, block.d_state], -1)
+    x = x.unflatten(-1, (block.heads, block.headdim))  # (b, l, h, p)
+    dt = torch.nn.functional.softplus(dt + block.dt_bias)  # (b, l, h)
+    A = -torch.exp(block.A_log)
+    h = hidden.new_zeros(hidden.shape[0], block.heads, block.headdim, block.d_state)
+    ys = []
+    for t in range(hidden.shape[1]):
+        h = (torch.exp(dt[:, t] * A)[..., None, None] * h
+             + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, None, None, :])
+        ys.append((h * C[:, t, None, None, :]).sum(-1) + block.D[:, None] * x[:, t])
+    y = torch.stack(ys, 1).flatten(-2)
+    return block.out_proj(y * torch.nn.functional.silu(z))
+
+
+def test_mamba2_block_is_the_per_head_recurrence_on_every_backend_and_in_streaming():
+    """Mamba2Block against Mamba-2's recurrence written per head (to 1e-5), with the reference and parallel scans
+    equal in values and gradients (to 1e-4), left padding inert, and the streaming step equal to the forward."""
+    torch.manual_seed(0)
+    block = H.Mamba2Block(16, d_state=8, d_conv=4, expand=2, headdim=8, scan_backend="reference")
+    assert block.heads == 4 and block.A_log.shape == block.D.shape == block.dt_bias.shape == (4,)
+    assert -torch.exp(block.A_log).max() <= -1 and -torch.exp(block.A_log).min() >= -16  # A uniform in [-16, -1]
+    hidden = torch.randn(3, 11, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(block(hidden), ssd_per_head(block, hidden), rtol=1e-5, atol=1e-5)
+    mask = torch.ones(3, 11, 1)
+    mask[0, :4] = 0
+    outs, grads = [], []
+    for backend in ("reference", "parallel"):
+        block.use_backend(backend)
+        outs.append(block(hidden, mask))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), [hidden, *block.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0][:1, 4:], block(hidden[:1, 4:]), rtol=1e-5, atol=1e-5)
+        state = block.init_state(3, torch.device("cpu"))
+        for t in range(11):
+            out, state = block.step(hidden[:, t], state)
+            torch.testing.assert_close(out, block(hidden)[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["HoloMamba", "Mamba-ItemOnly"])
+def test_mamba2_models_stream_and_pad_like_their_forward(name):
+    model = build(name, seed=11, mixer="mamba2", headdim=8)
+    assert all(isinstance(m, H.Mamba2Block) for m in model.mixers) and len(model.mixers) == 2
+    seq = random_items((2, 7), seed=12)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed_scores(model, seq, model.step), score(model, seq), rtol=1e-4, atol=1e-4)
+        padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), seq], dim=1)
+        torch.testing.assert_close(score(model, padded), score(model, seq), rtol=1e-5, atol=1e-5)
+    with pytest.raises(H.ConfigError, match="--headdim=12: must divide expand \\* d_model"):
+        tiny_cfg(mixer="mamba2", headdim=12)
+
+
 def test_bundled_forward_with_window_one_is_the_plain_forward():
     model = build("HoloMamba", seed=9)
     seq = random_items((3, 8), seed=10)

@@ -105,11 +105,14 @@ def test_compression_and_cold_start(trained):
 
 
 def test_efficiency_rows(trained):
-    H.efficiency_stage(trained.store, trained.configs)
+    H.efficiency_stage(H.RunStore(trained.base.replace(efficiency_mixers="mamba,mamba2")), trained.configs)
     efficiency = rows(trained, "efficiency.csv")
-    assert len(efficiency) == 3 and set(efficiency["model"]) == set(MODELS) and (efficiency["max_len"] == 16).all()
+    assert len(efficiency) == 4 and (efficiency["max_len"] == 16).all()
     assert efficiency.set_index("model")["stream_mode"].to_dict() == {
-        "HoloMamba": "recurrent state", "SASRec": "recompute window", "GRU4Rec": "recurrent state"}
+        "HoloMamba": "recurrent state", "HoloMamba (Mamba-2)": "recurrent state", "SASRec": "recompute window",
+        "GRU4Rec": "recurrent state"}
+    assert efficiency.set_index("model")["mixer"].fillna("").to_dict() == {
+        "HoloMamba": "mamba", "HoloMamba (Mamba-2)": "mamba2", "SASRec": "", "GRU4Rec": ""}
     catalog = rows(trained, "efficiency_catalog.csv")
     assert catalog["softmax"].tolist() == ["full", "sampled (256)"] and (catalog["n_items"] == 500).all()
 
