@@ -291,7 +291,7 @@ CONFIG_TABLE = {
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
     "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (the chunked loss over catalogs above ce_chunk; up to it, cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else F.cross_entropy) | cce (that kernel at every catalog size: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
-    "compile": Key(False, "system", None, "torch.compile the training forward (fused element-wise kernels; on CUDA still captured as a CUDA graph) and, on the CPU, the streaming step"),
+    "compile": Key(False, "system", None, "torch.compile the training forward (fused element-wise kernels; on CUDA still captured as a CUDA graph) and the streaming step (on CUDA captured in GraphedStream's graph)"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
     "cache_dir": Key(os.environ.get("HOLOMAMBA_CACHE_DIR", "data/cache"), "system", None, "prepared datasets, keyed by the source files' checksums and the data keys, so a file is parsed once ('' = off; env HOLOMAMBA_CACHE_DIR sets the default)"),
     "download": Key(True, "system", None, "download missing official files into data_dir (needs internet)"),
@@ -1652,15 +1652,15 @@ class Recommender(nn.Module):
         self.input_len = cfg["max_len"]  # items the model reads per user (a memory model reads more)
         self.index = None  # IdIndex of the data it was built for: raw ids and histories (build_model, load)
         self.streams, self.stream_table = {}, None  # observe(): recurrent state per user row, the output table
-        self.stepper = None  # stream_step(): step, compiled on the CPU with --compile
+        self.stepper = None  # stream_step(): step, compiled with --compile
 
     def stream_step(self, state, item, table=None):
-        """step(), through torch.compile on the CPU when the model's config sets compile: there a step is a few
-        hundred tiny operations, and one compiled function takes HoloMamba's from 1.34 to 0.44 ms (batch 1, two
-        cores, efficiency stage: README); compiled once, in about 14 s."""
+        """step(), through torch.compile when the model's config sets compile: a step is a few hundred tiny
+        operations, and one compiled function takes HoloMamba's from 1.34 to 0.44 ms on the CPU (batch 1, two
+        cores, efficiency stage: README); on CUDA GraphedStream captures the compiled step, so its graph replays
+        fewer, fused kernels. Compiled once, in about 14 s."""
         if self.stepper is None:
-            on_cpu = model_device(self).type == "cpu"
-            self.stepper = torch.compile(self.step) if self.config.get("compile") and on_cpu else self.step
+            self.stepper = torch.compile(self.step) if self.config.get("compile") else self.step
         return self.stepper(state, item, table)
 
     def train(self, mode=True):
@@ -1807,7 +1807,7 @@ class GraphedStream:
 
     def fold(self):
         with torch.no_grad(), autocast(self.model.config, self.items.device):
-            scores, new = self.model.step(self.state, self.items, self.table)
+            scores, new = self.model.stream_step(self.state, self.items, self.table)
             for old, fresh in zip(leaves(self.state), leaves(new)):
                 old.copy_(fresh)
         return scores
