@@ -269,6 +269,7 @@ CONFIG_TABLE = {
     "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss, masked_attribute_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
     "attribute_smoothing": Key(0.0, "training", fraction(), "HoloMamba: label smoothing toward the target's attribute neighbours: this share of the target's probability moves to the items that share its attributes (the items of each attribute equally, its attributes averaged); the shuffled control smooths toward its shuffled attributes, the item-only ablation ignores it"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
+    "cloze_loss": Key(0.0, "training", at_least(0), "weight of masked-item (Cloze) prediction, as in BERT4Rec: input items are masked with probability mask_prob, and the same two-sided context as masked_attribute_loss scores each masked item against every item (full softmax); reads no attributes, so Mamba-ItemOnly takes it too (0 = off)"),
     "masked_attribute_loss": Key(0.0, "training", at_least(0), "weight of masked-attribute prediction (S3Rec's MAP in holographic form): input items are masked with probability mask_prob, and each masked position's two-sided context (the causal encoder's state plus a backward encoder's), unbound by each field's role, classifies the masked item's attribute of that field"),
     "mask_prob": Key(0.2, "training", fraction(closed_low=False), "masked-attribute prediction: share of the input items masked"),
     "warm_start": Key("off", "training", one_of("off", "frozen", "all"), "memory extensions (RAMRec; HoloMamba with memory_slots): start from the trained base model of the same seed and config (SASRec; the window alone), trained first when missing, with its validation as epoch 0, so the selected weights validate at least as well as the base: off (train from scratch) | frozen (only the memory's parameters train) | all (everything trains)"),
@@ -315,6 +316,8 @@ CROSS_CHECKS = [
     ("masked_attribute_loss", lambda c: c["binding"] != "item" or not c["masked_attribute_loss"],
      "needs --binding=roles or both"),
     ("frequency_mixing", lambda c: c["binding"] != "item" or not c["frequency_mixing"], "needs --binding=roles or both"),
+    ("cloze_loss", lambda c: not c["cloze_loss"] or (c["memory_slots"] == 0 and c["bundle_k"] == 1),
+     "cannot be combined with memory_slots or bundle_k > 1"),
     ("pretrain_epochs", lambda c: not c["pretrain_epochs"] or c["attribute_loss"] or c["agreement_loss"]
      or c["masked_attribute_loss"], "needs --attribute_loss, --agreement_loss or --masked_attribute_loss (the "
      "objectives it trains)"),
@@ -437,7 +440,7 @@ SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto
 
 
 HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start", "masked_attribute_loss",
-                   "mask_prob", "mixer", "headdim")
+                   "mask_prob", "mixer", "headdim", "cloze_loss")
 
 
 def run_hash(cfg):
@@ -1960,6 +1963,7 @@ class HoloMamba(Recommender):
         self.binding, self.item_dropout = cfg["binding"], cfg["item_dropout"]
         self.attribute_loss, self.agreement_loss = cfg["attribute_loss"], cfg["agreement_loss"]
         self.masked_attribute_loss, self.mask_prob = cfg["masked_attribute_loss"], cfg["mask_prob"]
+        self.cloze_loss = cfg["cloze_loss"]
         if self.binding != "item":  # fixed roles from their own generator: the other weights start as without them
             fields = catalog.attribute_fields
             roles = unitary_vectors(catalog.n_fields + 1, d, torch.Generator().manual_seed(0))
@@ -1976,7 +1980,7 @@ class HoloMamba(Recommender):
                                  persistent=False)
             self.item_mix = nn.Parameter(torch.ones(self.frequency_mixing))
             self.attribute_mix = nn.Parameter(torch.ones(self.frequency_mixing))
-        if self.use_binding and self.masked_attribute_loss:  # last, so every other weight starts as without it
+        if (self.use_binding and self.masked_attribute_loss) or self.cloze_loss:  # last: the others start as without
             self.mask_vector = nn.Parameter(torch.randn(d))  # in place of a normalised item vector, of its scale
             self.backward_mixers = nn.ModuleList(make_mixer(cfg) for _ in range(cfg["n_layers"]))
             self.backward_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg["n_layers"] + 1))
@@ -2067,6 +2071,20 @@ class HoloMamba(Recommender):
         masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
         return self.unbinding_loss(self.masked_context(seq, masked), torch.where(masked, seq, 0))
 
+    def cloze_objective(self, seq):
+        """The weighted masked-item (Cloze) loss of training (0.0 when off or not training): masked_context at each
+        masked position scores every item through the output table; the cross-entropy of the masked item, averaged
+        over the masked positions. Every position is scored and the unmasked ones ignored, so shapes stay fixed
+        (no host synchronisation: the step can still be a CUDA graph)."""
+        if not (self.training and self.cloze_loss):
+            return 0.0
+        masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
+        context = self.masked_context(seq, masked)
+        logits = (context @ self.output_table()[1:].to(context.dtype).T).flatten(0, 1).float()
+        labels = torch.where(masked, seq - 1, -1).flatten()
+        loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / masked.sum().clamp(min=1)
+        return self.cloze_loss * loss
+
     def masked_context(self, seq, masked):
         """(b, t, d): the causal encoder's state plus the backward encoder's, over seq with the items where masked
         (b, t) replaced by the mask vector: at a masked position, every item of the row but that one."""
@@ -2134,7 +2152,7 @@ class HoloMamba(Recommender):
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         hidden = self.encode(self.dropout(self.embed(seq)) * mask, mask)
         targets = next_targets(batch, hidden.shape[1])
-        return Output(hidden, targets, self.attribute_objectives(hidden, targets, seq))
+        return Output(hidden, targets, self.attribute_objectives(hidden, targets, seq) + self.cloze_objective(seq))
 
     def with_memory(self, batch):
         """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
@@ -3753,8 +3771,9 @@ def efficiency_stage(store, configs):
     device = pick_device(cfg["device"])
     rows, catalog = [], []  # each row is written as soon as it is measured: a stage cut short keeps what it finished
     others = [m for m in dict.fromkeys(as_list(cfg["efficiency_mixers"])) if m != cfg["mixer"]]
-    variants = [("HoloMamba", "HoloMamba", cfg), *((f"HoloMamba ({MIXER_LABELS[m]})", "HoloMamba", cfg.replace(mixer=m))
-                                                   for m in others), ("SASRec", "SASRec", cfg), ("GRU4Rec", "GRU4Rec", cfg)]
+    variants = [("HoloMamba", "HoloMamba", cfg)]  # (row label, model, config): the config's mixer, then the others
+    variants += [(f"HoloMamba ({MIXER_LABELS[m]})", "HoloMamba", cfg.replace(mixer=m)) for m in others]
+    variants += [("SASRec", "SASRec", cfg), ("GRU4Rec", "GRU4Rec", cfg)]
     for length in tqdm(as_list(cfg["efficiency_lengths"], int), desc="efficiency"):
         batch = min(cfg["efficiency_batch"], max(1, cfg["efficiency_tokens"] // length))
         for label, name, variant in variants:

@@ -327,3 +327,41 @@ def test_a_frequency_mixed_model_saves_and_loads_with_its_buckets(synthetic, tmp
     ids = torch.arange(1, synthetic.n_items + 1)
     with torch.no_grad():
         torch.testing.assert_close(loaded.item_vectors(ids), model.item_vectors(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["HoloMamba", "Mamba-ItemOnly"])
+def test_cloze_loss_value_gradients_and_initial_weights(synthetic, name):
+    """Masked-item (Cloze) prediction: the cross-entropy of each masked item under the full softmax of the
+    two-sided context against the output table, averaged over the masked positions; it trains the backward encoder,
+    the mask vector and the causal encoder, also without attributes; the shared weights start as without it."""
+    cfg = H.config("synthetic", d_model=16, n_layers=1, max_len=12, device="cpu", scan_backend="reference")
+    torch.manual_seed(0)
+    plain = H.build_model(name, synthetic, cfg)
+    torch.manual_seed(0)
+    model = H.build_model(name, synthetic, cfg.replace(cloze_loss=0.5, mask_prob=0.3))
+    shared = plain.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in model.state_dict().items() if k in shared)
+    assert {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in shared} == \
+        {"mask_vector", "backward_mixers", "backward_norms"}
+    model.train()
+    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
+    seq[0, :5] = 0
+    torch.manual_seed(7)
+    loss = model.cloze_objective(seq)
+    torch.manual_seed(7)
+    masked = seq.gt(0) & (torch.rand(seq.shape) < 0.3)
+    assert 0 < masked.sum() < seq.gt(0).sum() and not masked[0, :5].any()
+    context = model.masked_context(seq, masked)[masked]
+    expected = 0.5 * F.cross_entropy(context @ model.output_table()[1:].T, seq[masked] - 1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    for param in (model.mask_vector, model.backward_mixers[0].in_proj.weight, model.mixers[0].in_proj.weight,
+                  model.item_emb.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model.cloze_objective(torch.zeros_like(seq)) == 0  # nothing to mask: no loss, no NaN
+    out = model(H.Batch(seq[:, :-1], seq[:, 1:]))  # the forward adds it to the model's auxiliary loss
+    assert out.aux_loss.dim() == 0 and out.aux_loss > 0
+    assert model.eval()(H.Batch(seq[:, :-1], seq[:, 1:])).aux_loss == 0.0
+    with pytest.raises(H.ConfigError, match="--cloze_loss=0.5: cannot be combined with memory_slots"):
+        H.config("synthetic", cloze_loss=0.5, memory_slots=8, memory_len=10)
