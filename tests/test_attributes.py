@@ -148,24 +148,31 @@ def test_masked_attribute_context_reads_every_item_but_the_masked_one(synthetic)
         torch.testing.assert_close(model.masked_context(padded, padded_mask)[:, 3:], context, rtol=1e-4, atol=1e-5)
 
 
-def test_masked_attribute_loss_value_gradients_and_initial_weights(synthetic):
-    """The loss is the cross-entropy of each role's unbinding of the context at the masked positions against
-    the masked items' attributes; it trains the backward encoder, the mask vector, the attribute table and the
-    causal encoder; every weight the model shares with the preset's starts as it does there."""
-    plain, model = model_of(synthetic), model_of(synthetic, masked_attribute_loss=1.0, mask_prob=0.3)
+def masked_objective_and_context(plain, model, objective):
+    """Checks that model (with a masked objective) shares every weight of plain at initialisation and adds only the
+    masked pass's; then, in training, objective(seq) on a batch with left padding, and, from the same random
+    draws, the masked positions (mask_prob 0.3) and the two-sided context there: (loss, seq, masked, context)."""
     shared = plain.state_dict()
     assert all(torch.equal(shared[k], v) for k, v in model.state_dict().items() if k in shared)
     assert {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in shared} == \
         {"mask_vector", "backward_mixers", "backward_norms"}
     model.train()
-    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
+    seq = torch.randint(1, model.catalog.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
     seq[0, :5] = 0
     torch.manual_seed(7)
-    loss = model.masked_attribute_prediction(seq)
+    loss = objective(seq)
     torch.manual_seed(7)
     masked = seq.gt(0) & (torch.rand(seq.shape) < 0.3)
     assert 0 < masked.sum() < seq.gt(0).sum() and not masked[0, :5].any()
-    context = model.masked_context(seq, masked)[masked]
+    return loss, seq, masked, model.masked_context(seq, masked)[masked]
+
+
+def test_masked_attribute_loss_value_gradients_and_initial_weights(synthetic):
+    """The loss is the cross-entropy of each role's unbinding of the context at the masked positions against
+    the masked items' attributes; it trains the backward encoder, the mask vector, the attribute table and the
+    causal encoder; every weight the model shares with the preset's starts as it does there."""
+    plain, model = model_of(synthetic), model_of(synthetic, masked_attribute_loss=1.0, mask_prob=0.3)
+    loss, seq, masked, context = masked_objective_and_context(plain, model, model.masked_attribute_prediction)
     items = seq[masked]
     unbound = H.unbind(context, model.roles[model.attribute_fields[items, 0]], exact=False)
     expected = F.cross_entropy(unbound @ model.attr_emb.weight.T, model.item_attributes[items, 0])
@@ -339,19 +346,7 @@ def test_cloze_loss_value_gradients_and_initial_weights(synthetic, name):
     plain = H.build_model(name, synthetic, cfg)
     torch.manual_seed(0)
     model = H.build_model(name, synthetic, cfg.replace(cloze_loss=0.5, mask_prob=0.3))
-    shared = plain.state_dict()
-    assert all(torch.equal(shared[k], v) for k, v in model.state_dict().items() if k in shared)
-    assert {k.split(".")[0] for k in model.state_dict()} - {k.split(".")[0] for k in shared} == \
-        {"mask_vector", "backward_mixers", "backward_norms"}
-    model.train()
-    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
-    seq[0, :5] = 0
-    torch.manual_seed(7)
-    loss = model.cloze_objective(seq)
-    torch.manual_seed(7)
-    masked = seq.gt(0) & (torch.rand(seq.shape) < 0.3)
-    assert 0 < masked.sum() < seq.gt(0).sum() and not masked[0, :5].any()
-    context = model.masked_context(seq, masked)[masked]
+    loss, seq, masked, context = masked_objective_and_context(plain, model, model.cloze_objective)
     expected = 0.5 * F.cross_entropy(context @ model.output_table()[1:].T, seq[masked] - 1)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
     loss.backward()

@@ -50,12 +50,9 @@ def test_holomamba_same_scores_with_cuda_and_parallel_backends():
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
-@needs_kernel
-def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients():
-    """MambaBlock.forward_kernels (the (b, d, l) layout, fused Δ softplus and gate) against the plain forward,
-    on left-padded input, in fp32."""
-    torch.manual_seed(0)
-    block = H.MambaBlock(32, 16).cuda()
+def assert_kernel_block_matches_parallel(block):
+    """block (width 32, on CUDA) through its kernel path against the same block on the parallel scan, on
+    left-padded input, in fp32: outputs at real steps to 1e-4, gradients of the input and every weight to 1e-3."""
     x = torch.randn(3, 40, 32, device="cuda", requires_grad=True)
     mask = torch.ones(3, 40, 1, device="cuda")
     mask[0, :25], mask[1, :3] = 0, 0
@@ -68,28 +65,24 @@ def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients(
     torch.testing.assert_close(outs[0] * mask, outs[1] * mask, rtol=1e-4, atol=1e-4)
     for g, g_ref in zip(*grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+
+
+@needs_kernel
+def test_kernel_layout_block_matches_the_parallel_block_in_values_and_gradients():
+    """MambaBlock.forward_kernels (the (b, d, l) layout, fused Δ softplus and gate) against the plain forward."""
+    torch.manual_seed(0)
+    assert_kernel_block_matches_parallel(H.MambaBlock(32, 16).cuda())
 
 
 @needs_ssd
 def test_mamba2_chunked_kernel_matches_the_parallel_block_in_values_and_gradients():
     """Mamba2Block through mamba-ssm's chunked scan (chunks of 16 steps, so a 40-step row spans three) against the
-    same block on the parallel scan, on left-padded input, in fp32."""
+    same block on the parallel scan."""
     torch.manual_seed(0)
     block = H.Mamba2Block(32, 16, headdim=16, chunk=16).cuda()
     with torch.no_grad():
         block.D.normal_()  # away from its initial ones, so a mix-up of heads shows
-    x = torch.randn(3, 40, 32, device="cuda", requires_grad=True)
-    mask = torch.ones(3, 40, 1, device="cuda")
-    mask[0, :25], mask[1, :3] = 0, 0
-    outs, grads = [], []
-    for backend in ("cuda", "parallel"):
-        block.use_backend(backend)
-        y = block(x, mask)
-        outs.append(y)
-        grads.append(torch.autograd.grad((y * mask).square().sum(), [x, *block.parameters()]))
-    torch.testing.assert_close(outs[0] * mask, outs[1] * mask, rtol=1e-4, atol=1e-4)
-    for g, g_ref in zip(*grads):
-        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-3)
+    assert_kernel_block_matches_parallel(block)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or H.cce_kernel() is None, reason="needs CUDA and cut-cross-entropy")
