@@ -1374,34 +1374,60 @@ def selective_scan_parallel(u, delta, A, B, C, D, state=None):
     return y.to(dtype), h[:, -1]
 
 
+def import_kernel_module(name):
+    """Import the module `name` (dotted) without running its top package's __init__, and with torch.compile as
+    the identity while it loads. mamba-ssm's __init__ imports its language models and, through them,
+    transformers; cut-cross-entropy's imports a torch.compile wrapper, and its kernel module decorates a helper
+    we never call (the argsort of gradient filtering, which cce_kernel turns off) with torch.compile, which
+    loads the compiler stack: seconds of every run's start (README, Efficiency) for kernels that need none of
+    it. The stub of the top package leaves sys.modules afterwards, so a later `import mamba_ssm` runs its
+    __init__ as usual (the submodules loaded here are reused)."""
+    top = name.partition(".")[0]
+    if top == name or top in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ImportError(f"No module named {top!r}")
+    stub, compile_ = importlib.util.module_from_spec(spec), torch.compile
+    sys.modules[top] = stub
+    torch.compile = lambda model=None, **options: model if model is not None else (lambda fn: fn)
+    try:
+        return importlib.import_module(name)
+    finally:
+        torch.compile = compile_
+        if sys.modules.get(top) is stub:
+            del sys.modules[top]
+
+
+KERNELS = {"selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+           "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
+           "ssd": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")}
+
+
 @functools.lru_cache(maxsize=None)
-def cuda_kernels():
-    """(mamba-ssm's selective_scan_fn, causal-conv1d's causal_conv1d_fn, mamba-ssm's Mamba-2 chunked scan
-    mamba_chunk_scan_combined), imported on first use on a CUDA device; None for a package that is missing or
-    was built for another torch / CUDA (the chunked scan also needs Triton)."""
-    kernels = []
-    for module, name in (("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
-                         ("causal_conv1d", "causal_conv1d_fn"),
-                         ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")):
-        try:
-            kernels.append(getattr(__import__(module, fromlist=[name]), name))
-        except Exception:
-            kernels.append(None)
-    return tuple(kernels)
+def cuda_kernel(name):
+    """KERNELS[name], imported on first use on a CUDA device: mamba-ssm's selective_scan_fn, causal-conv1d's
+    causal_conv1d_fn, or mamba-ssm's Mamba-2 chunked scan mamba_chunk_scan_combined ("ssd"); None for a package
+    that is missing or was built for another torch / CUDA (the chunked scan also needs Triton)."""
+    module, attribute = KERNELS[name]
+    try:
+        return getattr(import_kernel_module(module), attribute)
+    except Exception:
+        return None
 
 
 def selective_scan_cuda(u, delta, A, B, C, D, state=None):
     if state is not None:
         raise ValueError("the cuda scan starts from a zero state")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (b, l, x) -> (b, x, l)
-    y, last = cuda_kernels()[0](tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
+    y, last = cuda_kernel("selective_scan")(tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
                                        D.float(), return_last_state=True)
     return y.transpose(1, 2), last
 
 
 SCAN_BACKENDS = {"reference": selective_scan_reference, "parallel": selective_scan_parallel,
                  "cuda": selective_scan_cuda}
-MIXERS = {"mamba": 0, "mamba2": 2}  # the mixer's kernel in cuda_kernels()
+MIXERS = {"mamba": "selective_scan", "mamba2": "ssd"}  # the mixer's kernel in KERNELS
 MIXER_LABELS = {"mamba": "Mamba-1", "mamba2": "Mamba-2"}
 
 
@@ -1409,7 +1435,7 @@ def pick_scan_backend(name, device, mixer="mamba"):
     """auto: the mixer's mamba-ssm kernel on CUDA when it imports, else the parallel scan on a GPU, and on the CPU
     the plain loop over time, which is 2 to 46 times faster there than the parallel scan's copies (README)."""
     device = torch.device(device)
-    kernel = cuda_kernels()[MIXERS[mixer]] if device.type == "cuda" else None
+    kernel = cuda_kernel(MIXERS[mixer]) if device.type == "cuda" else None
     if name == "auto":
         if device.type != "cuda":
             return "reference"
@@ -1446,7 +1472,7 @@ class MambaBlock(nn.Module):
     def use_backend(self, name):
         """Scan with SCAN_BACKENDS[name] from now on ("cuda" also takes causal-conv1d's kernel when it imports)."""
         self.scan_backend, self.scan = name, SCAN_BACKENDS[name]
-        self.conv_kernel = cuda_kernels()[1] if name == "cuda" else None
+        self.conv_kernel = cuda_kernel("causal_conv1d") if name == "cuda" else None
 
     def split_projection(self, projected):
         """The input projection's output -> (the convolution's input, the gate, what else the SSM reads)."""
@@ -1491,7 +1517,7 @@ class MambaBlock(nn.Module):
             x = x * mask.transpose(1, 2).to(x.dtype)
         dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), before bias and softplus
-        y = cuda_kernels()[0](x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+        y = cuda_kernel("selective_scan")(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return F.linear(y.transpose(1, 2), self.out_proj.weight)
 
@@ -1563,7 +1589,7 @@ class Mamba2Block(MambaBlock):
             xbc = xbc * mask.to(xbc.dtype)
         x, B, C = xbc.split([z.shape[-1], self.d_state, self.d_state], dim=-1)
         heads = lambda t: t.unflatten(-1, (self.heads, self.headdim))  # noqa: E731
-        y = cuda_kernels()[2](heads(x), dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2),
+        y = cuda_kernel("ssd")(heads(x), dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2),
                               self.chunk, D=self.D.float(), z=heads(z), dt_bias=self.dt_bias.float(),
                               dt_softplus=True)
         return self.out_proj(y.flatten(-2))
@@ -2650,7 +2676,8 @@ def cce_kernel():
     recomputed in the backward. Called without its ignore mask (whose nonzero() would sync the host and break
     CUDA-graph capture) and with exact gradients (filter_eps=None). None where it does not import."""
     try:
-        from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply
+        cce = import_kernel_module("cut_cross_entropy.cce")
+        CCEParams, linear_cross_entropy_apply = cce.CCEParams, cce.linear_cross_entropy_apply
     except Exception:
         return None
 
@@ -5172,7 +5199,7 @@ def main(argv=None):
             what = f"checkpoint: {base['checkpoint']}" if stages == ["recommend"] else \
                 f"preset: {base['preset']} | datasets: {base['dataset']}"
             print(f"HoloMambaRec {__version__} | stages: {', '.join(stages)} | {what} | device: {device} | mamba-ssm "
-                  f"kernel: {device.type == 'cuda' and cuda_kernels()[0] is not None}", file=sys.stderr)
+                  f"kernel: {device.type == 'cuda' and cuda_kernel('selective_scan') is not None}", file=sys.stderr)
         check_outputs(base, stages)
         store = RunStore(base, given=overrides)
         for stage in stages:

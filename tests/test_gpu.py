@@ -5,9 +5,9 @@ import torch
 
 import HoloMambaRec as H
 
-needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernels()[0] is None,
+needs_kernel = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernel("selective_scan") is None,
                                   reason="needs CUDA and mamba-ssm")
-needs_ssd = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernels()[2] is None,
+needs_ssd = pytest.mark.skipif(not torch.cuda.is_available() or H.cuda_kernel("ssd") is None,
                                reason="needs CUDA, mamba-ssm and Triton")
 
 

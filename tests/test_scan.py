@@ -1,5 +1,7 @@
 """Selective scans: the PyTorch parallel scan against the Python reference loop (outputs, final state and
 gradients w.r.t. every input), and the hand-written backward of LinearScan."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,30 @@ def test_chunked_scan_carries_state_across_chunks(length, chunk):
     expected = torch.stack(loop, dim=1)
     torch.testing.assert_close(H._inclusive_scan(decay, x, chunk=chunk), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(H._doubling_scan(decay, x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_kernel_module_imports_without_its_package_init(tmp_path, monkeypatch):
+    """import_kernel_module loads a package's submodule without the package's __init__ (mamba-ssm's imports
+    transformers), with torch.compile as the identity while it loads, and leaves no stub behind: a later plain
+    import runs the __init__ and reuses the submodule."""
+    package = tmp_path / "heavy_pkg"
+    (package / "ops").mkdir(parents=True)
+    (package / "__init__.py").write_text("import sys\nsys.modules['heavy_pkg_init_ran'] = sys\nFULL = True\n")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "kernel.py").write_text(
+        "import torch\n@torch.compile(fullgraph=True, dynamic=True)\ndef double(x):\n    return 2 * x\n"
+        "plain = torch.compile(abs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("heavy_pkg", "heavy_pkg.ops", "heavy_pkg.ops.kernel", "heavy_pkg_init_ran"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    compile_ = torch.compile
+    kernel = H.import_kernel_module("heavy_pkg.ops.kernel")
+    assert kernel.double(21) == 42 and kernel.plain is abs  # undecorated: torch.compile was the identity
+    assert torch.compile is compile_
+    assert "heavy_pkg_init_ran" not in sys.modules and "heavy_pkg" not in sys.modules
+    import heavy_pkg
+    import heavy_pkg.ops.kernel
+    assert heavy_pkg.FULL and "heavy_pkg_init_ran" in sys.modules
+    assert sys.modules["heavy_pkg.ops.kernel"] is kernel
+    with pytest.raises(ImportError):
+        H.import_kernel_module("no_such_package_here.ops")
