@@ -1380,23 +1380,23 @@ def import_kernel_module(name):
     transformers; cut-cross-entropy's imports a torch.compile wrapper, and its kernel module decorates a helper
     we never call (the argsort of gradient filtering, which cce_kernel turns off) with torch.compile, which
     loads the compiler stack: seconds of every run's start (README, Efficiency) for kernels that need none of
-    it. The stub of the top package leaves sys.modules afterwards, so a later `import mamba_ssm` runs its
-    __init__ as usual (the submodules loaded here are reused)."""
+    it. Every module of the package loaded here leaves sys.modules again (the caller keeps what it took from
+    them), so a later `import mamba_ssm` by the user loads the whole package as usual."""
     top = name.partition(".")[0]
     if top == name or top in sys.modules:
         return importlib.import_module(name)
     spec = importlib.util.find_spec(top)
     if spec is None:
         raise ImportError(f"No module named {top!r}")
-    stub, compile_ = importlib.util.module_from_spec(spec), torch.compile
-    sys.modules[top] = stub
+    compile_ = torch.compile
+    sys.modules[top] = importlib.util.module_from_spec(spec)  # a stub: the package's path, not its __init__
     torch.compile = lambda model=None, **options: model if model is not None else (lambda fn: fn)
     try:
         return importlib.import_module(name)
     finally:
         torch.compile = compile_
-        if sys.modules.get(top) is stub:
-            del sys.modules[top]
+        for loaded in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[loaded]
 
 
 KERNELS = {"selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
