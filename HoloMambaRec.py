@@ -1420,8 +1420,8 @@ def selective_scan_cuda(u, delta, A, B, C, D, state=None):
     if state is not None:
         raise ValueError("the cuda scan starts from a zero state")
     tr = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  (b, l, x) -> (b, x, l)
-    y, last = cuda_kernel("selective_scan")(tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype), tr(C).to(u.dtype),
-                                       D.float(), return_last_state=True)
+    y, last = cuda_kernel("selective_scan")(tr(u), tr(delta.to(u.dtype)), A.float(), tr(B).to(u.dtype),
+                                            tr(C).to(u.dtype), D.float(), return_last_state=True)
     return y.transpose(1, 2), last
 
 
@@ -1518,7 +1518,7 @@ class MambaBlock(nn.Module):
         dt, B, C = torch.matmul(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l), before bias and softplus
         y = cuda_kernel("selective_scan")(x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+                                          delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         return F.linear(y.transpose(1, 2), self.out_proj.weight)
 
     def init_state(self, batch, device):
@@ -1590,8 +1590,8 @@ class Mamba2Block(MambaBlock):
         x, B, C = xbc.split([z.shape[-1], self.d_state, self.d_state], dim=-1)
         heads = lambda t: t.unflatten(-1, (self.heads, self.headdim))  # noqa: E731
         y = cuda_kernel("ssd")(heads(x), dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2),
-                              self.chunk, D=self.D.float(), z=heads(z), dt_bias=self.dt_bias.float(),
-                              dt_softplus=True)
+                               self.chunk, D=self.D.float(), z=heads(z), dt_bias=self.dt_bias.float(),
+                               dt_softplus=True)
         return self.out_proj(y.flatten(-2))
 
 
