@@ -2066,15 +2066,16 @@ class HoloMamba(Recommender):
         """Encoder input: the normalised item vector (item dropout in training)."""
         return self.emb_norm(self.item_vectors(ids, self.item_dropout if self.training else 0.0))
 
-    def attribute_objectives(self, hidden, targets, seq=None):
-        """The weighted attribute losses of training (see the class); 0.0 when none is set."""
+    def attribute_objectives(self, hidden, targets, seq=None, drawn=None):
+        """The weighted attribute losses of training (see the class); 0.0 when none is set. drawn: masked_pass(seq)
+        when another objective shares it."""
         if not (self.training and targets is not None and self.has_attribute_objectives):
             return 0.0
         loss = self.attribute_loss * self.unbinding_loss(hidden, targets) if self.attribute_loss else 0.0
         if self.agreement_loss:
             loss = loss + self.agreement_loss * self.unbinding_loss(self.item_vectors(targets), targets)
         if self.masked_attribute_loss and seq is not None:
-            loss = loss + self.masked_attribute_loss * self.masked_attribute_prediction(seq)
+            loss = loss + self.masked_attribute_loss * self.masked_attribute_prediction(seq, drawn)
         return loss
 
     def unbinding_loss(self, vectors, items):
@@ -2089,23 +2090,28 @@ class HoloMamba(Recommender):
         return (F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100, reduction="sum")
                 / labels.ne(-100).sum().clamp(min=1))
 
-    def masked_attribute_prediction(self, seq):
+    def masked_pass(self, seq):
+        """(masked, context): each real input item masked with probability mask_prob, and masked_context there."""
+        masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
+        return masked, self.masked_context(seq, masked)
+
+    def masked_attribute_prediction(self, seq, drawn=None):
         """S3Rec's masked-attribute prediction in holographic form: each input item is replaced by a learned mask
         vector with probability mask_prob; the masked sequence runs through the causal encoder and, reversed,
         through a backward encoder of its own; at a masked position the sum of the two states has seen every item
-        but the masked one, and its unbinding by each role classifies the masked item's attributes."""
-        masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
-        return self.unbinding_loss(self.masked_context(seq, masked), torch.where(masked, seq, 0))
+        but the masked one, and its unbinding by each role classifies the masked item's attributes. drawn: a
+        masked_pass(seq) to use instead of a new one."""
+        masked, context = drawn or self.masked_pass(seq)
+        return self.unbinding_loss(context, torch.where(masked, seq, 0))
 
-    def cloze_objective(self, seq):
+    def cloze_objective(self, seq, drawn=None):
         """The weighted masked-item (Cloze) loss of training (0.0 when off or not training): masked_context at each
         masked position scores every item through the output table; the cross-entropy of the masked item, averaged
         over the masked positions. Every position is scored and the unmasked ones ignored, so shapes stay fixed
-        (no host synchronisation: the step can still be a CUDA graph)."""
+        (no host synchronisation: the step can still be a CUDA graph). drawn: as masked_attribute_prediction."""
         if not (self.training and self.cloze_loss):
             return 0.0
-        masked = seq.gt(0) & (torch.rand(seq.shape, device=seq.device) < self.mask_prob)
-        context = self.masked_context(seq, masked)
+        masked, context = drawn or self.masked_pass(seq)
         logits = (context @ self.output_table()[1:].to(context.dtype).T).flatten(0, 1).float()
         labels = torch.where(masked, seq - 1, -1).flatten()
         loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / masked.sum().clamp(min=1)
@@ -2178,7 +2184,10 @@ class HoloMamba(Recommender):
         mask = seq.gt(0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         hidden = self.encode(self.dropout(self.embed(seq)) * mask, mask)
         targets = next_targets(batch, hidden.shape[1])
-        return Output(hidden, targets, self.attribute_objectives(hidden, targets, seq) + self.cloze_objective(seq))
+        both = self.training and self.cloze_loss and self.use_binding and self.masked_attribute_loss
+        drawn = self.masked_pass(seq) if both else None  # the two masked objectives share one draw and one pass
+        return Output(hidden, targets, self.attribute_objectives(hidden, targets, seq, drawn)
+                      + self.cloze_objective(seq, drawn))
 
     def with_memory(self, batch):
         """The encoder reads the last max_len items; the holographic memory folds in every item of the batch
@@ -2277,7 +2286,7 @@ class MambaItemOnly(HoloMamba):
     """The item-only ablation: HoloMamba with the same parameters, attributes never bound."""
     name, use_binding = "Mamba-ItemOnly", False
 
-    def attribute_objectives(self, hidden, targets, seq=None):
+    def attribute_objectives(self, hidden, targets, seq=None, drawn=None):
         return 0.0  # no attributes, no attribute losses
 
 

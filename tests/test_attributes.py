@@ -336,6 +336,22 @@ def test_a_frequency_mixed_model_saves_and_loads_with_its_buckets(synthetic, tmp
         torch.testing.assert_close(loaded.item_vectors(ids), model.item_vectors(ids), rtol=0, atol=0)
 
 
+def test_the_two_masked_objectives_share_one_draw_and_one_pass(synthetic, monkeypatch):
+    """With masked_attribute_loss and cloze_loss both set, a training forward masks once and runs the two-sided
+    pass once; its auxiliary loss is each weighted objective on that one draw (to 1e-6)."""
+    model = model_of(synthetic, masked_attribute_loss=0.3, cloze_loss=0.5).train()
+    seq = torch.randint(1, synthetic.n_items + 1, (4, 13), generator=torch.Generator().manual_seed(2))
+    passes, real = [], model.masked_context
+    monkeypatch.setattr(model, "masked_context", lambda *args: passes.append(1) or real(*args))
+    torch.manual_seed(7)
+    aux = model(H.Batch(seq[:, :-1], seq[:, 1:])).aux_loss
+    assert len(passes) == 1
+    torch.manual_seed(7)
+    drawn = model.masked_pass(seq[:, :-1])
+    expected = 0.3 * model.masked_attribute_prediction(seq[:, :-1], drawn) + model.cloze_objective(seq[:, :-1], drawn)
+    torch.testing.assert_close(aux, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["HoloMamba", "Mamba-ItemOnly"])
 def test_cloze_loss_value_gradients_and_initial_weights(synthetic, name):
     """Masked-item (Cloze) prediction: the cross-entropy of each masked item under the full softmax of the
