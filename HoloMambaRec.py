@@ -64,6 +64,7 @@ import torch
 from filelock import FileLock
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 __version__ = "0.2.0"
@@ -211,6 +212,7 @@ CONFIG_TABLE = {
     "compression_len": Key(200, "stage", at_least(2), "compression stage: history length fed to the bundled model"),
     "efficiency_lengths": Key("50,200,512,1024,2048,4096,8192", "stage", positive_ints(), "efficiency stage: sequence lengths"),
     "memory_lens": Key("", "stage", optional(positive_ints()), "memory stage: the memory_len values compared, e.g. 200,500,1000 (empty: memory_len alone)"),
+    "memory_full_window": Key(True, "stage", None, "memory stage: also train HoloMamba with one window over the max_len + memory_len items (false: their rows already in memory.csv are kept)"),
     "efficiency_batch": Key(64, "stage", above(0), "efficiency stage: training / inference batch size (the longest lengths get fewer: see efficiency_tokens)"),
     "efficiency_tokens": Key(131072, "stage", above(0), "efficiency stage: a length L runs a batch of min(efficiency_batch, efficiency_tokens // L), so batch x L stays constant at the longest lengths"),
     "efficiency_mixers": Key("mamba", "stage", names_in("mamba", "mamba2"), "efficiency stage: HoloMamba is also measured with each of these mixers that is not the config's own, side by side (rows named HoloMamba (Mamba-1) or HoloMamba (Mamba-2); the config's own mixer's rows are named HoloMamba)"),
@@ -250,6 +252,7 @@ CONFIG_TABLE = {
     "memory_slots": Key(0, "model", at_least(0), "HoloMamba long-term holographic associative memory: slots of width d_model (0 = off; 8 is typical)"),
     "memory_len": Key(0, "model", at_least(0), "items older than the max_len window that the memory folds in, in training and evaluation"),
     "memory_binding": Key("fft", "model", one_of("fft", "bipolar"), "memory keys: fft (circular convolution, unit-modulus keys) | bipolar (elementwise ±1 keys)"),
+    "memory_writes": Key("older", "model", one_of("older", "all"), "what the memory holds: older (only the memory_len items before the encoder's window, which the window drops; slots decay on horizons spread from 4 items to memory_len) | all (every item, the window's too, every slot decaying by 0.95 at the start: the earlier design)"),
     "ramrec_slots": Key(32, "model", above(0), "RAMRec: episodic memory entries per user (past hidden states; lowest retention replaced)"),
     "ramrec_writes": Key(4, "model", above(0), "RAMRec: hidden states stored per user and training window (every max_len // writes)"),
     "ramrec_k_min": Key(2, "model", at_least(1), "RAMRec: entries retrieved for peaked similarities (zero entropy)"),
@@ -311,6 +314,8 @@ CROSS_CHECKS = [
     ("headdim", lambda c: c["mixer"] != "mamba2" or c["expand"] * c["d_model"] % c["headdim"] == 0,
      "must divide expand * d_model"),
     ("memory_slots", lambda c: not (c["memory_slots"] and c["bundle_k"] > 1), "cannot be combined with bundle_k > 1"),
+    ("memory_len", lambda c: not c["memory_slots"] or c["memory_writes"] == "all" or c["memory_len"] > 0,
+     "must be > 0 with --memory_slots and --memory_writes=older (the memory holds the items before the window)"),
     ("attribute_loss", lambda c: c["binding"] != "item" or not c["attribute_loss"], "needs --binding=roles or both"),
     ("agreement_loss", lambda c: c["binding"] != "item" or not c["agreement_loss"], "needs --binding=roles or both"),
     ("masked_attribute_loss", lambda c: c["binding"] != "item" or not c["masked_attribute_loss"],
@@ -448,12 +453,15 @@ def run_hash(cfg):
     seeds, presets and where it runs are not part of it (the seed is part of a run's identity separately).
     exclude_seen is hashed as the boolean it was before 'auto' existed, so a run keeps its hash; a run resolves
     'auto' for its data before it is hashed (RunStore.run). Keys added later (HASHED_WHEN_SET) count only when
-    set away from their default, so the runs made before them keep their hashes."""
+    set away from their default, so the runs made before them keep their hashes; memory_writes counts only for a
+    memory that holds the older items alone (memory_writes=all is the design the earlier memory runs had)."""
     values = Config(cfg).of_role(*HASHED_ROLES)
     values["exclude_seen"] = SWITCH.get(values["exclude_seen"], values["exclude_seen"])
     for key in HASHED_WHEN_SET:
         if values[key] == GLOBAL_CONFIG[key]:
             del values[key]
+    if not values["memory_slots"] or values["memory_writes"] == "all":  # the memories made before the key hash as then
+        del values["memory_writes"]
     blob = json.dumps(sorted(values.items()))
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -1847,6 +1855,14 @@ class GraphedStream:
         return self.scores
 
 
+def chunked(fn, *args):
+    """fn(*args), its activations recomputed in the backward pass when a gradient is wanted (fn draws no random
+    numbers, so no RNG state is kept, which CUDA graph capture would not allow)."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
 def rms_normalise(x, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -1859,7 +1875,9 @@ class HolographicMemory(nn.Module):
     slot, unbind it with a key from the learned retrieval head, mix the slots with learned softmax weights.
     Normalising at read time keeps writing a linear recurrence: a scan over a sequence, O(S·d) per step."""
 
-    def __init__(self, d, slots=8, binding="fft"):
+    def __init__(self, d, slots=8, binding="fft", horizon=None):
+        """horizon: slot s starts with decay λ_s = 1 - 1/h_s, h_s spread geometrically from 4 items to horizon
+        (at least 16), so that slots keep the recent and the distant past apart; None: λ ≈ 0.95 for every slot."""
         super().__init__()
         self.slots, self.binding = slots, binding
         self.write_key = nn.Linear(d, slots * d, bias=False)
@@ -1867,7 +1885,11 @@ class HolographicMemory(nn.Module):
         self.value = nn.Linear(d, d)
         self.gate = nn.Linear(d, slots)
         self.slot_weights = nn.Linear(d, slots)
-        self.decay_logit = nn.Parameter(torch.full((slots,), 3.0))  # λ ≈ 0.95 at the start
+        if horizon is None:
+            logits = torch.full((slots,), 3.0)
+        else:  # logit(1 - 1/h) = log(h - 1)
+            logits = torch.log(torch.logspace(math.log10(4), math.log10(max(horizon, 16)), slots) - 1)
+        self.decay_logit = nn.Parameter(logits)
 
     def keys(self, head, x):
         """(..., S, d) keys: unit-modulus spectra (binding is then an exact rotation, undone by the
@@ -1908,10 +1930,36 @@ class HolographicMemory(nn.Module):
 
     def fold(self, x, mask):
         """The memory (b, S, d) after writing all of x (b, l, d): Σ_t λ^(real writes after t) write(x_t)."""
-        add = self.writes(x)[0]
+        return self.fold_writes(self.writes(x)[0], mask)
+
+    def fold_writes(self, add, mask, after=None):
+        """fold, from what each position adds (b, l, S, d); after (b, l): real writes after each position
+        (default: within mask)."""
         real = mask[..., None, None].to(torch.promote_types(add.dtype, torch.float32))
-        after = real.flip(1).cumsum(1).flip(1) - real  # real writes after each position
+        after = real.flip(1).cumsum(1).flip(1) - real if after is None else after[..., None, None].to(real.dtype)
         return (self.decay().to(real.dtype) ** after * add * real).sum(1)
+
+    def fold_in_chunks(self, x, mask, chunk=128):
+        """fold(x, mask) with its gradient, `chunk` positions at a time under activation checkpointing (a chunk's
+        writes are recomputed in the backward pass), so its memory grows with chunk, not with the history."""
+        after = mask.flip(1).cumsum(1).flip(1) - mask
+        parts = [chunked(self.fold_writes_of, x[:, i:i + chunk], mask[:, i:i + chunk], after[:, i:i + chunk])
+                 for i in range(0, x.shape[1], chunk)]
+        return torch.stack(parts).sum(0)
+
+    def fold_writes_of(self, x, mask, after):
+        return self.fold_writes(self.writes(x)[0], mask, after)
+
+    def recall_miss(self, memory, x, mask, chunk=128):
+        """reconstruction_loss of memory (b, S, d) over the items x (b, l, d) it holds, `chunk` positions at a
+        time under activation checkpointing."""
+        misses = [chunked(self.recall_miss_sum, memory, x[:, i:i + chunk], mask[:, i:i + chunk])
+                  for i in range(0, x.shape[1], chunk)]
+        return torch.stack(misses).sum() / mask.sum().clamp(min=1)
+
+    def recall_miss_sum(self, memory, x, mask):
+        _, key, value = self.writes(x)
+        return self.reconstruction_loss(memory[:, None], key, value, mask) * mask.sum().clamp(min=1)
 
     def write(self, memory, x):
         """One streaming write: memory (b, S, d), x (b, d)."""
@@ -1953,7 +2001,7 @@ class HoloMamba(Recommender):
     frequency_mixing=B weighs the two parts of e_i by the item's popularity bucket b(i) = min(floor(log2(1 + count)),
     B - 1): e_i = u_b(i) · (item part) + s_b(i) · (role fillers), u and s learned, starting at 1.
     Optional: temporal bundling (bundle_k) and a long-term holographic memory (memory_slots) over memory_len
-    older items."""
+    older items (memory_writes: older, only those, or all, the window's items too; see memory_stream)."""
     name, recurrent, use_binding = "HoloMamba", True, True
 
     @classmethod
@@ -1977,7 +2025,9 @@ class HoloMamba(Recommender):
         self.ffns = nn.ModuleList(FeedForward(d, cfg["dropout"]) for _ in range(n_ffn))
         self.ffn_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_ffn))
         self.final_norm = nn.LayerNorm(d)
-        self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"]) if cfg["memory_slots"] else None
+        self.memory_writes = cfg["memory_writes"]
+        horizon = cfg["memory_len"] if self.memory_writes == "older" else None
+        self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"], horizon) if cfg["memory_slots"] else None
         self.memory_gate = nn.Linear(d, d) if self.memory else None
         self.memory_out = nn.Linear(d, d, bias=False) if self.memory else None
         if self.memory is not None:  # starts closed: at initialisation the model is its window alone
@@ -2198,13 +2248,24 @@ class HoloMamba(Recommender):
         return Output(hidden, next_targets(batch, hidden.shape[1]), aux)
 
     def memory_stream(self, batch):
-        """(residual stream of the window before the final norm, memory at each of its positions, weighted
-        reconstruction loss over the window). The items older than the window are folded into the memory
-        without gradient (as Transformer-XL caches its memory): the memory learns to write and read from the
-        window's items, and a step costs the window's activations, not the whole span's."""
+        """(residual stream of the window before the final norm, memory at each of its positions (b, l or 1, S, d),
+        weighted reconstruction loss). memory_writes=older: the memory holds the items older than the window
+        (what the window drops), the same for each of the window's positions, and learns from them (the
+        reconstruction loss reads them back). memory_writes=all: every item is written, the window's too; the
+        older ones are folded in without gradient (as Transformer-XL caches its memory), so the memory learns to
+        write and read from the window's items, and the reconstruction loss reads those back."""
         seq = batch.items
         w = min(self.config["max_len"], seq.shape[1])
         mask = seq.gt(0).to(self.item_emb.weight.dtype)
+        if self.memory_writes == "older":
+            e, m = self.embed(seq[:, -w:]), mask[:, -w:]
+            x = self.encode(self.dropout(e) * m.unsqueeze(-1), m.unsqueeze(-1), final=False)
+            if seq.shape[1] == w:  # nothing older: an empty memory, which reads as zero
+                return x, x.new_zeros(len(seq), 1, self.memory.slots, x.shape[-1]), 0.0
+            older, held = self.dropout(self.embed(seq[:, :-w])), mask[:, :-w]
+            memory = self.memory.fold_in_chunks(older, held)
+            miss = self.memory.recall_miss(memory, older, held) if self.memory_loss else 0.0
+            return x, memory[:, None], self.memory_loss * miss
         start = None
         if seq.shape[1] > w:
             with torch.no_grad():
@@ -2253,11 +2314,15 @@ class HoloMamba(Recommender):
             self.bundle_k = trained
 
     def init_state(self, batch):
-        """Per-user streaming state: (conv window, SSM state) per layer, plus the memory (S, d) if any."""
+        """Per-user streaming state: (conv window, SSM state) per layer, plus the memory (S, d) if any; with
+        memory_writes=older also the ids of the last max_len items (the window), whose oldest enters the memory
+        when a new item arrives."""
         device = self.item_emb.weight.device
         state = [m.init_state(batch, device) for m in self.mixers]
         if self.memory is not None:
             state.append(torch.zeros(batch, self.memory.slots, self.item_emb.embedding_dim, device=device))
+        if self.memory is not None and self.memory_writes == "older":
+            state.append(torch.zeros(batch, self.config["max_len"], dtype=torch.long, device=device))
         return state
 
     def step(self, state, item, table=None):
@@ -2266,9 +2331,14 @@ class HoloMamba(Recommender):
         output_table()[1:], which a server computes once rather than at every step."""
         if self.bundle_k > 1:
             raise ValueError("streaming steps are per item; this model was trained with bundle_k > 1")
-        x, new_state = self.embed(item), []
-        if self.memory is not None:
-            memory = self.memory.write(state[-1], x)
+        x, new_state, extra = self.embed(item), [], state[len(self.mixers):]
+        if self.memory is not None and self.memory_writes == "all":
+            memory = self.memory.write(extra[0], x)
+        elif self.memory is not None:  # the item leaving the window enters the memory
+            memory, window = extra
+            leaving = window[:, 0]
+            memory = torch.where(leaving.gt(0)[:, None, None], self.memory.write(memory, self.embed(leaving)), memory)
+            extra = [memory, torch.cat([window[:, 1:], item[:, None]], 1)]
         for i, (mixer, norm) in enumerate(zip(self.mixers, self.mixer_norms)):
             out, s = mixer.step(norm(x), state[i])
             x, new_state = x + out, new_state + [s]
@@ -2276,7 +2346,7 @@ class HoloMamba(Recommender):
                 x = x + self.ffns[i](self.ffn_norms[i](x))
         if self.memory is not None:
             x = self.memory_read(x, memory)[0]
-            new_state.append(memory)
+            new_state += [memory, *extra[1:]]
         hidden = self.final_norm(x)
         table = self.output_table()[1:] if table is None else table
         return exact_scores(hidden, table), new_state
@@ -3200,6 +3270,8 @@ def load(path, device=None):
     payload = read_checkpoint(path)
     device = pick_device("auto" if device is None else str(device))
     cfg = dict(payload["config"])
+    if cfg.get("memory_slots") and "memory_writes" not in cfg:
+        cfg["memory_writes"] = "all"  # saved before the key existed: the memory wrote every item
     if cfg.get("scan_backend") == "cuda" and pick_scan_backend("auto", device, cfg.get("mixer", "mamba")) != "cuda":
         cfg["scan_backend"] = "auto"  # trained with the CUDA kernel; the parallel scan computes the same here
     with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG alone
@@ -3474,16 +3546,32 @@ def claim_trial(log_path, trial):
     claims, me = Path(f"{log_path}.claims"), (socket.gethostname(), os.getpid())
     claims.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{claims}.lock"):
-        if trial in set(read_log(log_path)["trial"].astype(str)):
-            return False  # finished (by another process since this one read the log)
-        lines = claims.read_text().splitlines() if claims.is_file() else []
-        for line in lines:
-            key, host, pid = line.rsplit(",", 2)
-            if key == trial and (host, int(pid)) != me and (host != me[0] or process_alive(int(pid))):
-                return False
+        if trial in set(read_log(log_path)["trial"].astype(str)) or claimed_elsewhere(log_path, trial):
+            return False  # finished (by another process since this one read the log), or another's to train
         with open(claims, "a") as fh:
             fh.write(f"{trial},{me[0]},{me[1]}\n")
     return True
+
+
+def wait_for_trial(log_path, trial, poll=5.0):
+    """Return once trial is finished in the log or nobody alive holds its claim (then the caller may train it)."""
+    said = False
+    while trial not in set(read_log(log_path)["trial"].astype(str)) and claimed_elsewhere(log_path, trial):
+        if not said:
+            tqdm.write(f"waiting for {trial}, which another process is training", file=sys.stderr)
+            said = True
+        time.sleep(poll)
+
+
+def claimed_elsewhere(log_path, trial):
+    """Whether another live process of this machine, or any process of another machine, claimed trial."""
+    claims, me = Path(f"{log_path}.claims"), (socket.gethostname(), os.getpid())
+    lines = claims.read_text().splitlines() if claims.is_file() else []
+    for line in lines:
+        key, host, pid = line.rsplit(",", 2)
+        if key == trial and (host, int(pid)) != me and (host != me[0] or process_alive(int(pid))):
+            return True
+    return False
 
 
 def process_alive(pid):
@@ -4107,13 +4195,17 @@ def memory_stage(store, configs):
         variants = [("HoloMamba", "window", 0, window)] if "HoloMamba" in models else []
         for n in lens if "HoloMamba" in models else ():
             variants += [("HoloMamba", "window + memory" + warm, n,
-                          cfg.replace(memory_len=n, memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS)),
-                         ("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
+                          cfg.replace(memory_len=n, memory_slots=cfg["memory_slots"] or MEMORY_STAGE_SLOTS))]
+            if cfg["memory_full_window"]:
+                variants += [("HoloMamba", "full window", n, window.replace(max_len=cfg["max_len"] + n))]
         if "RAMRec" in models:
             variants += [("SASRec", "SASRec", 0, cfg), ("RAMRec", "RAMRec" + warm, 0, cfg)]
         plan = [(seed, *v, run_name(*store.run_key(v[3], v[0], seed))) for seed in seeds(cfg) for v in variants]
         # the runs others start from (warm_start) are claimed first, so another process never trains a base twice
         for seed, name, _, _, config, key in sorted(plan, key=lambda p: model_class(p[1]).extends(p[4]) is not None):
+            base = model_class(name).extends(config) if config["warm_start"] != "off" else None
+            if base is not None:  # its base may be training in another process: wait rather than train it twice
+                wait_for_trial(log, run_name(*store.run_key(base[1], base[0], seed)))
             if claim_trial(log, key):
                 store.run(config, name, seed)
                 append_csv_row(log, {"trial": key})

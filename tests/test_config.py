@@ -72,7 +72,7 @@ def test_out_of_range_values_raise_config_error_naming_the_key(overrides, key):
 
 
 def test_config_is_read_only_and_variants_are_validated():
-    cfg = H.config("synthetic", memory_slots=4)
+    cfg = H.config("synthetic", memory_slots=4, memory_len=8)
     with pytest.raises(TypeError):
         cfg["d_model"] = 8
     assert cfg.replace(d_model=8)["d_model"] == 8 and cfg["d_model"] == 64  # a new Config, the old unchanged

@@ -3,6 +3,7 @@ leaves earlier results intact."""
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pandas as pd
@@ -178,6 +179,23 @@ def test_a_dead_claimant_does_not_block_a_trial(tmp_path):
     assert H.claim_trial(log, "trial-x")
     assert in_processes(H.claim_trial, (log, "trial-y")) == [0]
     assert H.claim_trial(log, "trial-y")  # its claimant exited: the trial is free again
+
+
+def test_waiting_for_a_trial_ends_when_it_is_logged_or_its_claimant_is_gone(tmp_path):
+    """A trial claimed by a live process (our parent) holds wait_for_trial until the log has it; one whose
+    claimant is gone, or nobody's, does not hold it at all."""
+    log = tmp_path / "memory_runs.csv"
+    (tmp_path / "memory_runs.csv.claims").write_text(f"base,{H.socket.gethostname()},{os.getppid()}\n"
+                                                     f"old,{H.socket.gethostname()},999999\n")
+    assert H.claimed_elsewhere(log, "base") and not H.claimed_elsewhere(log, "old")
+    assert not H.claim_trial(log, "base")
+    finish = threading.Timer(0.3, H.append_csv_row, (log, {"trial": "base"}))
+    start = time.perf_counter()
+    finish.start()
+    H.wait_for_trial(log, "base", poll=0.05)
+    assert time.perf_counter() - start >= 0.3 and "base" in set(H.read_log(log)["trial"])
+    H.wait_for_trial(log, "old", poll=60)  # would sleep a minute if it waited
+    H.wait_for_trial(log, "nobody's", poll=60)
 
 
 # --------------------------------------------------------------------------- concurrent writers, merged stages

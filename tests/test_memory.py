@@ -87,10 +87,36 @@ def test_a_folded_start_continues_the_scan():
     torch.testing.assert_close(rest, whole[:, 5:], rtol=1e-10, atol=1e-12)
 
 
+def test_chunked_fold_and_recall_equal_the_whole_in_values_and_gradients():
+    """fold_in_chunks and recall_miss, 3 positions at a time under activation checkpointing, against fold and
+    reconstruction_loss over all 10 positions at once (fp64, 1e-10), with left padding."""
+    torch.manual_seed(0)
+    mem = H.HolographicMemory(8, slots=3).double()
+    x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 10], dtype=torch.float64)
+    results = []
+    for chunk in (3, None):
+        if chunk:
+            memory = mem.fold_in_chunks(x, mask, chunk)
+            loss = mem.recall_miss(memory, x, mask, chunk)
+        else:
+            memory = mem.fold(x, mask)
+            _, key, value = mem.writes(x)
+            loss = mem.reconstruction_loss(memory[:, None], key, value, mask)
+        writing = [mem.write_key.weight, mem.value.weight, mem.value.bias, mem.gate.weight, mem.decay_logit]
+        grads = torch.autograd.grad(memory.square().sum() + loss, [x, *writing])
+        results.append((memory, loss, grads))
+    (m1, l1, g1), (m2, l2, g2) = results
+    torch.testing.assert_close(m1, m2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_items_older_than_the_window_are_folded_in_without_gradient():
-    """In training, the encoder input of the 8 older items carries no gradient (folded in under no_grad) and the
-    window's 12 do; the memory at the window's positions still depends on the older items."""
-    cfg, model = memory_model(memory_len=8)
+    """memory_writes=all: in training, the encoder input of the 8 older items carries no gradient (folded in under
+    no_grad) and the window's 12 do; the memory at the window's positions still depends on the older items."""
+    cfg, model = memory_model(memory_len=8, writes="all")
     opened(model).train()
     seen = []
     hook = model.emb_norm.register_forward_hook(lambda module, args, out: seen.append((out.shape[1], out.requires_grad)))
@@ -102,9 +128,60 @@ def test_items_older_than_the_window_are_folded_in_without_gradient():
     assert model.memory.write_key.weight.grad.abs().max() > 0
 
 
-def memory_model(memory_len=0, max_len=12, seed=0):
+def test_older_items_alone_fill_the_memory_and_learn_through_it():
+    """memory_writes=older: the memory is the fold of the 8 items older than the window of 12, with gradient
+    (dropout 0 here), the same for each of the window's positions; the window's own items never enter it; the
+    auxiliary loss reads the older items back."""
+    cfg, model = memory_model(memory_len=8)
+    opened(model).train()
+    seq = torch.randint(1, 41, (2, 21), generator=torch.Generator().manual_seed(2))
+    inputs = seq[:, :-1]
+    x, memory, aux = model.memory_stream(H.Batch(inputs))
+    assert x.shape == (2, 12, 16) and memory.shape == (2, 1, 4, 16)
+    older = inputs[:, :8]
+    torch.testing.assert_close(memory[:, 0], model.memory.fold(model.embed(older), older.gt(0).float()))
+    _, key, value = model.memory.writes(model.embed(older))
+    torch.testing.assert_close(aux, cfg["memory_loss"] * model.memory.reconstruction_loss(
+        memory, key, value, older.gt(0).float()), rtol=1e-6, atol=1e-7)
+    changed = inputs.clone()
+    changed[:, 8:] = torch.randint(1, 41, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.memory_stream(H.Batch(changed))[1], memory)  # the window writes nothing
+    out = model(H.Batch(inputs, seq[:, 1:]))
+    H.next_item_loss(out, model.output_table(), cfg).backward()
+    assert model.memory.write_key.weight.grad.abs().max() > 0 and model.memory.gate.weight.grad.abs().max() > 0
+    short = model.memory_stream(H.Batch(inputs[:, -12:]))  # nothing older: an empty memory, no auxiliary loss
+    assert short[2] == 0.0 and not short[1].any()
+
+
+def test_streamed_memory_holds_the_items_that_left_the_window():
+    """Step by step, the item leaving the window of 12 enters the memory: after 19 items the streamed memory is
+    the fold of the first 7 and the state keeps the last 12 ids; up to 12 items the scores equal the forward's."""
+    _, model = memory_model(memory_len=8)
+    opened(model)
+    seq = torch.randint(1, 41, (2, 19), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in range(seq.shape[1]):
+            scores, state = model.step(state, seq[:, t])
+            if t < 12:
+                torch.testing.assert_close(scores, model.score_next(H.Batch(seq[:, :t + 1])), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(state[-2], model.memory.fold(model.embed(seq[:, :7]), torch.ones(2, 7)),
+                                   rtol=1e-5, atol=1e-6)
+    assert torch.equal(state[-1], seq[:, -12:])
+
+
+def test_older_memory_slots_start_on_spread_horizons():
+    """Slot s starts with λ_s = 1 - 1/h_s, h from 4 items to memory_len geometrically; the earlier design 0.95."""
+    _, model = memory_model(memory_len=1024, max_len=12)
+    horizons = 4 * 256 ** (torch.arange(4) / 3)  # 4 slots: 4, 25.4, 161.3, 1024 items
+    torch.testing.assert_close(model.memory.decay()[:, 0], 1 - 1 / horizons, rtol=1e-5, atol=1e-6)
+    _, earlier = memory_model(memory_len=1024, writes="all")
+    torch.testing.assert_close(earlier.memory.decay()[:, 0], torch.full((4,), torch.sigmoid(torch.tensor(3.0)).item()))
+
+
+def memory_model(memory_len=0, max_len=12, seed=0, writes="older"):
     cfg = H.resolve_config({"d_model": 16, "n_layers": 2, "max_len": max_len, "dropout": 0.0, "memory_slots": 4,
-                            "memory_len": memory_len, "scan_backend": "parallel"}, "synthetic")
+                            "memory_len": memory_len, "memory_writes": writes, "scan_backend": "parallel"}, "synthetic")
     torch.manual_seed(seed)
     return cfg, H.build_model("HoloMamba", H.catalog_only(40), cfg).eval()
 
@@ -125,7 +202,7 @@ def test_memory_windows_train_on_the_encoder_window():
 
 
 def test_streaming_steps_with_memory_equal_the_full_forward():
-    cfg, model = memory_model()
+    cfg, model = memory_model(writes="all")
     opened(model)
     seq = torch.randint(1, 41, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -142,10 +219,11 @@ def opened(model, seed=1):
     return model
 
 
-def test_memory_model_at_initialisation_is_its_window_alone():
+@pytest.mark.parametrize("writes", ["older", "all"])
+def test_memory_model_at_initialisation_is_its_window_alone(writes):
     """memory_out starts at zero: with the window model's weights, the window + memory model gives the same
     scores to 1e-6, in the full forward (which reads 8 older items) and step by step."""
-    cfg, memory = memory_model(memory_len=8)
+    cfg, memory = memory_model(memory_len=8, writes=writes)
     window = H.build_model("HoloMamba", H.catalog_only(40), cfg.replace(memory_slots=0, memory_len=0)).eval()
     missing, unexpected = memory.load_state_dict(window.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("memory") for k in missing)
@@ -161,9 +239,10 @@ def test_memory_model_at_initialisation_is_its_window_alone():
             torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
 
 
-def test_memory_model_never_reads_at_or_after_a_query_position():
+@pytest.mark.parametrize("writes", ["older", "all"])
+def test_memory_model_never_reads_at_or_after_a_query_position(writes):
     """Changing the item at position 15 of 20 (window 12 over positions 8..19) changes no state before it."""
-    _, model = memory_model(memory_len=8)
+    _, model = memory_model(memory_len=8, writes=writes)
     opened(model)
     seq = torch.randint(1, 41, (3, 20), generator=torch.Generator().manual_seed(8))
     later = seq.clone()
@@ -175,10 +254,10 @@ def test_memory_model_never_reads_at_or_after_a_query_position():
 
 
 def test_memory_model_reads_older_items_and_trains_on_its_window():
-    """With memory_len = 8 the model takes 12 + 8 items, encodes the last 12, and older items change the
-    output only through the memory; the model aligns targets to the window and returns the weighted
-    reconstruction loss as its auxiliary loss."""
-    cfg, model = memory_model(memory_len=8)
+    """memory_writes=all: with memory_len = 8 the model takes 12 + 8 items, encodes the last 12, and older items
+    change the output only through the memory; the model aligns targets to the window and returns the weighted
+    reconstruction loss over the window as its auxiliary loss."""
+    cfg, model = memory_model(memory_len=8, writes="all")
     opened(model)
     assert model.input_len == 20
     seq = torch.randint(1, 41, (3, 21), generator=torch.Generator().manual_seed(4))
@@ -225,9 +304,10 @@ def test_memory_stage_compares_each_extension_with_its_base(tmp_path):
     long_users = int((H.load_dataset("synthetic").train_lengths() > 20).sum())
     assert (rows.loc[rows["slice"] == "> 20 items", "users"] == long_users).all()
     state = runs.set_index(["variant", "memory_len"])["state_bytes"]
-    # the memory adds S x d floats to the recurrent state: 8 slots x 16 x 4 bytes; RAMRec's bank per user:
-    # 32 states of 16 floats, 32 int64 tags, 32 float usages and qualities, on top of SASRec's 8 item ids
-    assert state[("window + memory", 8)] - state[("window", 0)] == 8 * 16 * 4
+    # the memory adds S x d floats to the recurrent state, 8 slots x 16 x 4 bytes, and the ids of the window's 8
+    # items, whose oldest enters the memory at the next item; RAMRec's bank per user: 32 states of 16 floats,
+    # 32 int64 tags, 32 float usages and qualities, on top of SASRec's 8 item ids
+    assert state[("window + memory", 8)] - state[("window", 0)] == 8 * 16 * 4 + 8 * 8
     assert state[("RAMRec", 0)] - state[("SASRec", 0)] == 32 * (16 * 4 + 8 + 4 + 4) and state[("SASRec", 0)] == 8 * 8
     assert (runs["step_ms"] > 0).all()
     used = runs.set_index("variant")
@@ -288,3 +368,21 @@ def test_memory_stage_claims_the_bases_before_their_extensions(tmp_path, monkeyp
     kinds = [next(m for m in ("RAMRec", "SASRec", "HoloMamba") if f"_{m}_" in key) for key in claimed]
     assert len(claimed) == 7 and kinds[-3:] == ["HoloMamba", "HoloMamba", "RAMRec"]  # the two memories, RAMRec
     assert kinds[:4] == ["HoloMamba", "HoloMamba", "HoloMamba", "SASRec"]  # window, two full windows, SASRec
+
+
+def test_memory_stage_can_keep_the_full_windows_it_has(tmp_path):
+    """--memory_full_window=false trains the window and its memory only; a full-window row already in memory.csv
+    stays as it was."""
+    import pandas as pd
+    (tmp_path / "r").mkdir()
+    kept = {"dataset": "synthetic", "slice": "all users", "model": "HoloMamba", "variant": "full window",
+            "memory_len": 8, "seed": 0, "ndcg@10": 0.123}
+    pd.DataFrame([kept]).to_csv(tmp_path / "r" / "memory.csv", index=False)
+    argv = ["--stage=memory", "--dataset=synthetic", "--max_len=8", "--memory_lens=8", "--models=HoloMamba",
+            "--seeds=0", "--d_model=16", "--n_layers=1", "--epochs=1", "--memory_full_window=false",
+            f"--results_dir={tmp_path / 'r'}", f"--checkpoint_dir={tmp_path / 'c'}", f"--figures_dir={tmp_path / 'f'}"]
+    assert H.main(argv) == 0
+    rows = pd.read_csv(tmp_path / "r" / "memory.csv")
+    assert sorted(rows.loc[rows["slice"] == "all users", "variant"]) == ["full window", "window", "window + memory"]
+    assert rows.loc[rows["variant"] == "full window", "ndcg@10"].tolist() == [0.123]
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 2
