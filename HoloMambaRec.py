@@ -2027,7 +2027,8 @@ class HoloMamba(Recommender):
         self.final_norm = nn.LayerNorm(d)
         self.memory_writes = cfg["memory_writes"]
         horizon = cfg["memory_len"] if self.memory_writes == "older" else None
-        self.memory = HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"], horizon) if cfg["memory_slots"] else None
+        self.memory = (HolographicMemory(d, cfg["memory_slots"], cfg["memory_binding"], horizon)
+                       if cfg["memory_slots"] else None)
         self.memory_gate = nn.Linear(d, d) if self.memory else None
         self.memory_out = nn.Linear(d, d, bias=False) if self.memory else None
         if self.memory is not None:  # starts closed: at initialisation the model is its window alone
