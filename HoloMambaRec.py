@@ -1928,13 +1928,10 @@ class HolographicMemory(nn.Module):
             memory = memory + self.decay().to(work) ** real.to(work).cumsum(1) * start[:, None].to(work)
         return memory, key, value
 
-    def fold(self, x, mask):
-        """The memory (b, S, d) after writing all of x (b, l, d): Σ_t λ^(real writes after t) write(x_t)."""
-        return self.fold_writes(self.writes(x)[0], mask)
-
-    def fold_writes(self, add, mask, after=None):
-        """fold, from what each position adds (b, l, S, d); after (b, l): real writes after each position
-        (default: within mask)."""
+    def fold(self, x, mask, after=None):
+        """The memory (b, S, d) after writing all of x (b, l, d): Σ_t λ^(real writes after t) write(x_t). after
+        (b, l): the real writes after each position, when x is part of a longer span (default: those in mask)."""
+        add = self.writes(x)[0]
         real = mask[..., None, None].to(torch.promote_types(add.dtype, torch.float32))
         after = real.flip(1).cumsum(1).flip(1) - real if after is None else after[..., None, None].to(real.dtype)
         return (self.decay().to(real.dtype) ** after * add * real).sum(1)
@@ -1943,12 +1940,9 @@ class HolographicMemory(nn.Module):
         """fold(x, mask) with its gradient, `chunk` positions at a time under activation checkpointing (a chunk's
         writes are recomputed in the backward pass), so its memory grows with chunk, not with the history."""
         after = mask.flip(1).cumsum(1).flip(1) - mask
-        parts = [chunked(self.fold_writes_of, x[:, i:i + chunk], mask[:, i:i + chunk], after[:, i:i + chunk])
+        parts = [chunked(self.fold, x[:, i:i + chunk], mask[:, i:i + chunk], after[:, i:i + chunk])
                  for i in range(0, x.shape[1], chunk)]
         return torch.stack(parts).sum(0)
-
-    def fold_writes_of(self, x, mask, after):
-        return self.fold_writes(self.writes(x)[0], mask, after)
 
     def recall_miss(self, memory, x, mask, chunk=128):
         """reconstruction_loss of memory (b, S, d) over the items x (b, l, d) it holds, `chunk` positions at a
@@ -2258,23 +2252,22 @@ class HoloMamba(Recommender):
         seq = batch.items
         w = min(self.config["max_len"], seq.shape[1])
         mask = seq.gt(0).to(self.item_emb.weight.dtype)
-        if self.memory_writes == "older":
-            e, m = self.embed(seq[:, -w:]), mask[:, -w:]
-            x = self.encode(self.dropout(e) * m.unsqueeze(-1), m.unsqueeze(-1), final=False)
-            if seq.shape[1] == w:  # nothing older: an empty memory, which reads as zero
-                return x, x.new_zeros(len(seq), 1, self.memory.slots, x.shape[-1]), 0.0
-            older, held = self.dropout(self.embed(seq[:, :-w])), mask[:, :-w]
-            memory = self.memory.fold_in_chunks(older, held)
-            miss = self.memory.recall_miss(memory, older, held) if self.memory_loss else 0.0
-            return x, memory[:, None], self.memory_loss * miss
+        older, held = seq[:, :-w], mask[:, :-w]  # (b, 0) when nothing is older than the window
         start = None
-        if seq.shape[1] > w:
+        if self.memory_writes == "all" and older.shape[1]:
             with torch.no_grad():
-                start = self.memory.fold(self.embed(seq[:, :-w]), mask[:, :-w])
+                start = self.memory.fold(self.embed(older), held)
         e, m = self.embed(seq[:, -w:]), mask[:, -w:]
-        memory, key, value = self.memory.write_sequence(e, m, start)
         x = self.encode(self.dropout(e) * m.unsqueeze(-1), m.unsqueeze(-1), final=False)
-        return x, memory, self.memory_loss * self.memory.reconstruction_loss(memory, key, value, m)
+        if self.memory_writes == "all":
+            memory, key, value = self.memory.write_sequence(e, m, start)
+            return x, memory, self.memory_loss * self.memory.reconstruction_loss(memory, key, value, m)
+        if not older.shape[1]:  # an empty memory, which reads as zero
+            return x, x.new_zeros(len(seq), 1, self.memory.slots, x.shape[-1]), 0.0
+        older = self.dropout(self.embed(older))
+        memory = self.memory.fold_in_chunks(older, held)
+        miss = self.memory.recall_miss(memory, older, held) if self.memory_loss else 0.0
+        return x, memory[:, None], self.memory_loss * miss
 
     @torch.no_grad()
     def reads(self, batch):
