@@ -264,6 +264,7 @@ CONFIG_TABLE = {
     "lr": Key(1e-3, "training", above(0), "AdamW learning rate"),
     "weight_decay": Key(0.0, "training", at_least(0), "AdamW weight decay"),
     "warmup_epochs": Key(0, "training", at_least(0), "linear learning-rate warm-up, in epochs"),
+    "weight_average": Key(0.0, "training", at_least(0), "Polyak averaging: validation, model selection, the test and the checkpoint use an exponential moving average of the weights over about this many epochs (0 = off; the optimizer trains the raw weights)"),
     "grad_clip": Key(1.0, "training", at_least(0), "gradient-norm clipping (0 = off)"),
     "label_smoothing": Key(0.0, "training", fraction(), "label smoothing of the softmax cross-entropy"),
     "num_negatives": Key(0, "training", at_least(0), "0 = full softmax; n > 0 = sampled softmax with n popularity-sampled negatives and logQ correction"),
@@ -445,7 +446,7 @@ SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto
 
 
 HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start", "masked_attribute_loss",
-                   "mask_prob", "mixer", "headdim", "cloze_loss")
+                   "mask_prob", "mixer", "headdim", "cloze_loss", "weight_average")
 
 
 def run_hash(cfg):
@@ -2847,8 +2848,55 @@ def sampled_cross_entropy(hidden, targets, table, item_log_q, cfg):
     return F.cross_entropy(logits, torch.zeros_like(targets), label_smoothing=cfg["label_smoothing"])
 
 
+class WeightAverage:
+    """Polyak averaging of a model's parameters: after every optimizer step the average moves toward the weights
+    with decay min(1 - 1 / (epochs * steps_per_epoch), (1 + t) / (10 + t)) at update t, so it spans about
+    `epochs` epochs and forgets the random start within the first steps. `applied()` swaps it into the model in
+    place (a captured CUDA graph keeps its tensors) and back."""
+
+    def __init__(self, model, epochs, steps_per_epoch):
+        self.params = list(model.parameters())
+        self.decay = 1.0 - 1.0 / max(epochs * steps_per_epoch, 1.0)
+        self.reset()
+
+    def reset(self):
+        """Start the average at the model's weights now."""
+        self.shadow, self.updates = [p.detach().clone() for p in self.params], 0
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self):
+        for p, s in zip(self.params, self.shadow):
+            held = p.detach().clone()
+            p.copy_(s)
+            s.copy_(held)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the block, the trained ones back after it."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    def state_dict(self):
+        return {"updates": self.updates, "shadow": [s.detach().cpu().clone() for s in self.shadow]}
+
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
+
+
 class EagerStep:
-    """One optimisation step: forward, loss, backward, gradient clipping, AdamW (with linear warm-up)."""
+    """One optimisation step: forward, loss, backward, gradient clipping, AdamW (with linear warm-up), and the
+    weight average's update when cfg sets weight_average."""
 
     def __init__(self, model, runner, cfg, item_log_q=None, steps_per_epoch=1, optimizer_options=None):
         self.model, self.runner, self.cfg, self.item_log_q = model, runner, cfg, item_log_q
@@ -2857,6 +2905,11 @@ class EagerStep:
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all parameters
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                            **(optimizer_options or fused))
+        self.average = WeightAverage(model, cfg["weight_average"], steps_per_epoch) if cfg["weight_average"] else None
+
+    def evaluated_weights(self):
+        """The weights that validation reads and model selection keeps: the average when there is one."""
+        return self.average.applied() if self.average else contextlib.nullcontext()
 
     def load_optimizer_state(self, state):
         """An optimizer state saved by any step (eager or graphed), keeping this step's own kernel options
@@ -2883,7 +2936,10 @@ class EagerStep:
             group["lr"] = self.cfg["lr"] * (min(1.0, (self.steps + 1) / warmup) if warmup else 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return self.forward_backward(batch)
+        loss = self.forward_backward(batch)
+        if self.average:
+            self.average.update()
+        return loss
 
 
 class GraphedStep(EagerStep):
@@ -2905,6 +2961,8 @@ class GraphedStep(EagerStep):
             if t is not None:
                 static.copy_(t)
         self.graph.replay()
+        if self.average:
+            self.average.update()
         return self.static_loss.clone()
 
     def capture(self, batch):
@@ -3034,6 +3092,10 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
         history, best, best_state, stale = resume["history"], resume["best"], resume["best_state"], resume["stale"]
         first, train_seconds, earlier = resume["epoch"], resume["train_seconds"], resume["seconds"]
         generator.manual_seed(torch.initial_seed() + first)
+        if step.average and resume.get("average"):  # an interrupted run's average goes on
+            step.average.load_state_dict(resume["average"])
+        elif step.average:  # a warm start's begins at the base's weights
+            step.average.reset()
     start = time.perf_counter() - earlier
     bar = tqdm(range(first, cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process(),
                initial=first, total=cfg["epochs"])
@@ -3060,7 +3122,10 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             train_seconds += time.perf_counter() - epoch_start
             if pretraining or ((epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]):
                 continue
-            metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
+            with step.evaluated_weights():
+                metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
+                if metrics["ndcg@10"] > best:
+                    best_state = copy.deepcopy(model.state_dict())
             history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
                             "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
                             "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
@@ -3070,7 +3135,6 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
                                     "lower --lr or raise --grad_clip")
             if metrics["ndcg@10"] > best:
                 best, stale = metrics["ndcg@10"], 0
-                best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
             reason = ("patience" if stale >= cfg["patience"] else
@@ -3084,7 +3148,8 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
         raise Interrupted({"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                            "optimizer": step.optimizer.state_dict(), "best_state": best_state, "history": history,
                            "best": best, "stale": stale, "epoch": history[-1]["epoch"] if history else first,
-                           "train_seconds": train_seconds, "seconds": time.perf_counter() - start}) from None
+                           "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
+                           "average": step.average.state_dict() if step.average else None}) from None
     return FitResult(best_state, history, train_seconds, world, isinstance(step, GraphedStep))
 
 

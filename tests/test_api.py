@@ -52,6 +52,49 @@ def test_fit_returns_its_result_and_evaluate_reports_the_best_weights(synthetic)
     assert set(test) == set(H.METRIC_COLUMNS) and 0 <= test["ndcg@10"] <= test["hr@10"] <= 1
 
 
+def test_weight_average_follows_its_recurrence_and_swaps_back_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = H.WeightAverage(model, epochs=1, steps_per_epoch=4)  # decay 1 - 1/4, and (1 + t) / (10 + t) early on
+    expected = [p.detach().double().clone() for p in model.parameters()]
+    for t in range(1, 9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # a stand-in for an optimizer step
+        average.update()
+        decay = min(0.75, (1 + t) / (10 + t))
+        expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())]
+    trained = [p.detach().clone() for p in model.parameters()]
+    with average.applied():
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained))  # the trained weights, bit for bit
+    state = average.state_dict()
+    again = H.WeightAverage(model, epochs=1, steps_per_epoch=4)
+    again.load_state_dict(state)
+    assert again.updates == 8 and all(torch.equal(a, b) for a, b in zip(again.shadow, average.shadow))
+
+
+def test_fit_with_weight_average_trains_the_same_weights_and_selects_the_average(synthetic):
+    def train(average):
+        torch.manual_seed(0)
+        model = H.build_model("HoloMamba", synthetic, **SMALL)
+        return model, H.fit(model, synthetic, epochs=3, lr=3e-3, weight_average=average)
+
+    plain_model, plain = train(0.0)
+    model, averaged = train(1.0)
+    # the optimizer's trajectory is untouched: the same losses and the same last weights, bit for bit
+    assert [h["loss"] for h in averaged.history] == [h["loss"] for h in plain.history]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain_model.state_dict().values()))
+    # validation read the average, which is not the trained weights
+    assert [h["valid_ndcg@10"] for h in averaged.history] != [h["valid_ndcg@10"] for h in plain.history]
+    assert H.evaluate(model, synthetic, "valid")["ndcg@10"] == pytest.approx(plain.history[-1]["valid_ndcg@10"],
+                                                                            abs=1e-12)
+    model.load_state_dict(averaged.best_state)  # the kept weights are the averaged ones that validation scored best
+    best = H.evaluate(model, synthetic, "valid")
+    assert best["ndcg@10"] == pytest.approx(max(h["valid_ndcg@10"] for h in averaged.history), abs=1e-12)
+
+
 @pytest.mark.parametrize("name", ["HoloMamba", "GRU4Rec"])
 def test_same_seed_same_training(name, synthetic):
     def train(seed):

@@ -308,8 +308,9 @@ def test_hostile_data_files_are_one_line(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_keeps_the_best_weights_and_resume_continues(tiny, capsys, monkeypatch):
-    overrides = {**tiny, "epochs": 6, "patience": 10}
+@pytest.mark.parametrize("average", [0.0, 1.0])
+def test_ctrl_c_keeps_the_best_weights_and_resume_continues(tiny, capsys, monkeypatch, average):
+    overrides = {**tiny, "epochs": 6, "patience": 10, "weight_average": average}
     real, calls = H.rank_targets, []
 
     def interrupt_at_the_third_evaluation(*args, **kwargs):
@@ -325,6 +326,12 @@ def test_ctrl_c_keeps_the_best_weights_and_resume_continues(tiny, capsys, monkey
     (partial,) = H.Path(tiny["checkpoint_dir"]).glob("*.partial.pt")
     state = torch.load(partial, weights_only=True)
     assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    if average:  # the average is kept with the weights at the interruption: 3 epochs of 5 steps (600 users, 128)
+        model = H.build_model("SASRec", H.load_dataset("synthetic"), **TINY)
+        assert state["average"]["updates"] == 15
+        assert [t.shape for t in state["average"]["shadow"]] == [p.shape for p in model.parameters()]
+    else:
+        assert state["average"] is None
     assert not (H.Path(tiny["results_dir"]) / "benchmark.csv").exists()  # nothing half-written
     monkeypatch.setattr(H, "rank_targets", real)
     assert H.main(argv_of(overrides) + ["--stage=benchmark", "--models=SASRec", "--seeds=0", "--resume"]) == 0

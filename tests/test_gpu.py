@@ -131,10 +131,10 @@ def test_compiled_chunked_cross_entropy_equals_the_torch_loss_under_autocast(smo
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-def step_losses(name, graphs, resume_after=0, compiled=False, **extra):
+def step_losses(name, graphs, resume_after=0, compiled=False, keep=None, **extra):
     """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step (of the model, or of
     torch.compile of it). With resume_after=n, an eager step trains the first n batches and hands its optimizer
-    state to the step under test."""
+    state to the step under test. A list given as keep receives the step under test."""
     cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False, **extra)
     g = torch.Generator().manual_seed(0)
     batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
@@ -150,6 +150,8 @@ def step_losses(name, graphs, resume_after=0, compiled=False, **extra):
     assert isinstance(step, H.GraphedStep) == graphs
     if state is not None:
         step.load_optimizer_state(state)
+    if keep is not None:
+        keep.append(step)
     return torch.stack([step(batch) for batch in batches[resume_after:]]).cpu()
 
 
@@ -158,6 +160,20 @@ def step_losses(name, graphs, resume_after=0, compiled=False, **extra):
 def test_cuda_graph_training_matches_eager(name):
     """The captured-and-replayed training step follows the eager step."""
     torch.testing.assert_close(step_losses(name, True), step_losses(name, False), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_keeps_the_same_weight_average():
+    """The average moves after every replay as after every eager step (and the capture's warm-up leaves it)."""
+    averages = []
+    for graphs in (True, False):
+        steps = []
+        step_losses("HoloMamba", graphs, keep=steps, weight_average=0.5)
+        with steps[0].evaluated_weights():
+            averages.append([p.detach().clone() for p in steps[0].model.parameters()])
+        assert steps[0].average.updates == 6
+    for graphed, eager in zip(*averages):
+        torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-4)
 
 
 @needs_ssd
