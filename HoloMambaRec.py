@@ -54,7 +54,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -4233,7 +4233,8 @@ def memory_stage(store, configs):
     (each of --memory_lens), and one window over max_len + memory_len items. RAMRec (when --models names it)
     against SASRec. Per run: test metrics on all users and on users with more than long_history training items,
     bytes of per-user state, the cost of scoring one new interaction of one user, and how much the memory's
-    read is used at the scored position (gate opening, the read's share of the residual stream). Writes
+    read is used at the scored position (gate opening, the read's share of the residual stream). Each long
+    window is also tested reading only its last max_len items ('full window, reading the last <max_len>'). Writes
     results/memory.csv, and results/memory_depth.csv (RAMRec's retrieval depth K: share of users per K, per variant).
     With warm_start, the extensions start from their bases (RunStore.warm_start); their variants say so.
     Parallel: the same command in several processes sharing results_dir; each trains the runs nobody else has
@@ -4293,6 +4294,12 @@ def memory_stage(store, configs):
                         **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
                         best_epoch=run.best_epoch, train_seconds=run.train_seconds)
             rows += [{**row, **info} for row in slice_metrics(run, cfg["dataset"], long)]
+            if variant == "full window":  # the same weights reading only the encoder window's items at test: what
+                # the long window gains from reading more, apart from what training on longer windows gave it
+                short = data.eval_split("test", cfg["max_len"], excludes_seen(run.cfg, data), device)
+                read_less = replace(run, ranks={"test": rank_targets(model, short, run.cfg).cpu()})
+                rows += [{**row, **info, "variant": f"full window, reading the last {cfg['max_len']}",
+                          "items_read": cfg["max_len"]} for row in slice_metrics(read_less, cfg["dataset"], long)]
     if not rows:
         return rows
     table = upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "model", "variant", "memory_len", "seed", "slice"])

@@ -297,10 +297,20 @@ def test_memory_stage_compares_each_extension_with_its_base(tmp_path):
     import pandas as pd
     rows = pd.read_csv(tmp_path / "r" / "memory.csv")
     runs = rows[(rows["seed"] == 0) & (rows["slice"] == "all users")]
+    short = "full window, reading the last 8"
     assert list(zip(runs["variant"], runs["memory_len"], runs["items_read"], runs["encoder_window"])) == [
-        ("window", 0, 8, 8), ("window + memory", 8, 16, 8), ("full window", 8, 16, 16),
-        ("window + memory", 16, 24, 8), ("full window", 16, 24, 24), ("SASRec", 0, 8, 8), ("RAMRec", 0, 8, 8)]
-    assert len(rows) == 2 * 7 * 2 and sorted(rows["seed"].unique()) == [0, 1]
+        ("window", 0, 8, 8), ("window + memory", 8, 16, 8), ("full window", 8, 16, 16), (short, 8, 8, 16),
+        ("window + memory", 16, 24, 8), ("full window", 16, 24, 24), (short, 16, 8, 24), ("SASRec", 0, 8, 8),
+        ("RAMRec", 0, 8, 8)]
+    assert len(rows) == 2 * 9 * 2 and sorted(rows["seed"].unique()) == [0, 1]
+    # the long window reading its last 8 items: its own checkpoint ranked on the 8-item test inputs
+    store = H.RunStore(H.resolve_config(H.parse_cli(argv + ["--resume"]), "synthetic"))
+    cfg = store.cfg.replace(max_len=24)
+    model = store.model(store.run(cfg, "HoloMamba", 0, reuse=True))
+    data = store.dataset(cfg)
+    split = data.eval_split("test", 8, H.excludes_seen(cfg, data), H.model_device(model))
+    expected = H.full_ranking_metrics(H.rank_targets(model, split, cfg))["ndcg@10"]
+    assert runs.set_index(["variant", "memory_len"]).loc[(short, 16), "ndcg@10"] == pytest.approx(expected, abs=1e-9)
     long_users = int((H.load_dataset("synthetic").train_lengths() > 20).sum())
     assert (rows.loc[rows["slice"] == "> 20 items", "users"] == long_users).all()
     state = runs.set_index(["variant", "memory_len"])["state_bytes"]
@@ -350,7 +360,8 @@ def test_memory_stage_with_warm_starts_reuses_the_bases(tmp_path):
     import pandas as pd
     rows = pd.read_csv(tmp_path / "r" / "memory.csv")
     assert sorted(rows.loc[rows["slice"] == "all users", "variant"]) == sorted([
-        "window", "full window", "SASRec", "window + memory, from base (frozen)", "RAMRec, from base (frozen)",
+        "window", "full window", "full window, reading the last 8", "SASRec", "window + memory, from base (frozen)",
+        "RAMRec, from base (frozen)",
         "window + memory, from base (all)", "RAMRec, from base (all)"])
     depth = pd.read_csv(tmp_path / "r" / "memory_depth.csv")
     n = H.load_dataset("synthetic").n_users
