@@ -2855,24 +2855,26 @@ class WeightAverage:
     place (a captured CUDA graph keeps its tensors) and back."""
 
     def __init__(self, model, epochs, steps_per_epoch):
-        self.params = list(model.parameters())
+        self.params = [p.detach() for p in model.parameters()]  # the parameters' own storage
         self.decay = 1.0 - 1.0 / max(epochs * steps_per_epoch, 1.0)
         self.reset()
 
-    def reset(self):
-        """Start the average at the model's weights now."""
-        self.shadow, self.updates = [p.detach().clone() for p in self.params], 0
+    def reset(self, state=None):
+        """Start the average at the model's weights now, or go on from a state_dict() (an interrupted run's)."""
+        self.shadow, self.updates = [p.clone() for p in self.params], 0
+        if state:
+            self.load_state_dict(state)
 
     @torch.no_grad()
     def update(self):
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - decay)
 
     @torch.no_grad()
     def swap(self):
         for p, s in zip(self.params, self.shadow):
-            held = p.detach().clone()
+            held = p.clone()
             p.copy_(s)
             s.copy_(held)
 
@@ -3092,10 +3094,8 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
         history, best, best_state, stale = resume["history"], resume["best"], resume["best_state"], resume["stale"]
         first, train_seconds, earlier = resume["epoch"], resume["train_seconds"], resume["seconds"]
         generator.manual_seed(torch.initial_seed() + first)
-        if step.average and resume.get("average"):  # an interrupted run's average goes on
-            step.average.load_state_dict(resume["average"])
-        elif step.average:  # a warm start's begins at the base's weights
-            step.average.reset()
+        if step.average:  # an interrupted run's average goes on; a warm start's begins at the base's weights
+            step.average.reset(resume.get("average"))
     start = time.perf_counter() - earlier
     bar = tqdm(range(first, cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process(),
                initial=first, total=cfg["epochs"])
@@ -3122,10 +3122,12 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             train_seconds += time.perf_counter() - epoch_start
             if pretraining or ((epoch + 1) % cfg["eval_every"] and epoch + 1 != cfg["epochs"]):
                 continue
-            with step.evaluated_weights():
+            with step.evaluated_weights():  # selection keeps the weights that validation read
                 metrics = full_ranking_metrics(rank_targets(model, valid, cfg))
                 if metrics["ndcg@10"] > best:
-                    best_state = copy.deepcopy(model.state_dict())
+                    best, stale, best_state = metrics["ndcg@10"], 0, copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
             history.append({"epoch": epoch + 1, "loss": total.item() / step.steps_per_epoch,
                             "valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"],
                             "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
@@ -3133,10 +3135,6 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
             if not math.isfinite(history[-1]["loss"]):
                 raise TrainingError(f"{desc}: the training loss became {history[-1]['loss']} at epoch {epoch + 1}; "
                                     "lower --lr or raise --grad_clip")
-            if metrics["ndcg@10"] > best:
-                best, stale = metrics["ndcg@10"], 0
-            else:
-                stale += 1
             reason = ("patience" if stale >= cfg["patience"] else
                       "time_limit" if cfg["time_limit"] and history[-1]["seconds"] > 60 * cfg["time_limit"] else
                       "stop_at_ndcg" if cfg["stop_at_ndcg"] and metrics["ndcg@10"] >= cfg["stop_at_ndcg"] else None)
@@ -4274,32 +4272,10 @@ def memory_stage(store, configs):
             tqdm.write(f"[{cfg['dataset']}] memory stage: {len({p[-1] for p in plan} - done)} runs still training in "
                        "other processes; the last process to finish writes their rows", file=sys.stderr)
         for seed, name, variant, n, config, key in plan:
-            if key not in done:
-                continue
-            run = store.run(config, name, seed, reuse=True)
-            model = store.model(run)
-            device = model_device(model)
-            split = data.eval_split("test", model.input_len, excludes_seen(run.cfg, data), device)
-            reads = memory_reads(model, split, run.cfg["eval_batch_size"])
-            with torch.no_grad(), autocast(run.cfg, device):
-                step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
-            if "depth" in reads:
-                k, users = reads.pop("depth").long().unique(return_counts=True)
-                depths += [{"dataset": run.dataset, "variant": variant, "seed": seed, "depth": int(a), "users": int(b),
-                            "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
-            info = dict(model=name, variant=variant, memory_len=n, seed=seed, config=run.config,
-                        encoder_window=config["max_len"],
-                        items_read=model.input_len, state_bytes=state_bytes(model),
-                        step_ms=round(step_ms, 4),
-                        **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
-                        best_epoch=run.best_epoch, train_seconds=run.train_seconds)
-            rows += [{**row, **info} for row in slice_metrics(run, cfg["dataset"], long)]
-            if variant == "full window":  # the same weights reading only the encoder window's items at test: what
-                # the long window gains from reading more, apart from what training on longer windows gave it
-                short = data.eval_split("test", cfg["max_len"], excludes_seen(run.cfg, data), device)
-                read_less = replace(run, ranks={"test": rank_targets(model, short, run.cfg).cpu()})
-                rows += [{**row, **info, "variant": f"full window, reading the last {cfg['max_len']}",
-                          "items_read": cfg["max_len"]} for row in slice_metrics(read_less, cfg["dataset"], long)]
+            if key in done:
+                measured, depth = memory_run_rows(store.run(config, name, seed, reuse=True), store, data, variant, n,
+                                                  cfg["max_len"], long)
+                rows, depths = rows + measured, depths + depth
     if not rows:
         return rows
     table = upsert_csv(store.results_dir / "memory.csv", rows, ["dataset", "model", "variant", "memory_len", "seed", "slice"])
@@ -4309,6 +4285,35 @@ def memory_stage(store, configs):
     summary = table.groupby(["dataset", "variant", "memory_len", "slice"], sort=False)[["ndcg@10", "hr@10"]].agg(["mean", "std"])
     print(summary.round(4).to_string())
     return rows
+
+
+def memory_run_rows(run, store, data, variant, memory_len, window, slices):
+    """The memory stage's rows of one finished run (test metrics per slice, with its state bytes, streaming step
+    cost and read use) and RAMRec's retrieval depths. A long window ('full window') is also ranked reading only
+    its last `window` items: the same weights, so what it gains by reading more at test is told apart from what
+    training on longer windows gave it."""
+    model = store.model(run)
+    device = model_device(model)
+    split = data.eval_split("test", model.input_len, excludes_seen(run.cfg, data), device)
+    reads = memory_reads(model, split, run.cfg["eval_batch_size"])
+    with torch.no_grad(), autocast(run.cfg, device):
+        step_ms = streaming_step_ms(model, split.inputs[:1], device, users=split.users[:1], ends=split.ends[:1])
+    depths = []
+    if "depth" in reads:
+        k, users = reads.pop("depth").long().unique(return_counts=True)
+        depths = [{"dataset": run.dataset, "variant": variant, "seed": run.seed, "depth": int(a), "users": int(b),
+                   "share": round(int(b) / len(split.targets), 6)} for a, b in zip(k, users)]
+    info = dict(model=run.model, variant=variant, memory_len=memory_len, seed=run.seed, config=run.config,
+                encoder_window=run.cfg["max_len"], items_read=model.input_len, state_bytes=state_bytes(model),
+                step_ms=round(step_ms, 4), **{f"read_{k}": round(v.mean().item(), 6) for k, v in reads.items()},
+                best_epoch=run.best_epoch, train_seconds=run.train_seconds)
+    rows = [{**row, **info} for row in slice_metrics(run, run.dataset, slices)]
+    if variant == "full window":
+        short = data.eval_split("test", window, excludes_seen(run.cfg, data), device)
+        read_less = replace(run, ranks={"test": rank_targets(model, short, run.cfg).cpu()})
+        rows += [{**row, **info, "variant": f"full window, reading the last {window}", "items_read": window}
+                 for row in slice_metrics(read_less, run.dataset, slices)]
+    return rows, depths
 
 
 def state_bytes(model):
