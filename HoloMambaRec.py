@@ -1898,7 +1898,7 @@ class HolographicMemory(nn.Module):
         k = head(x).unflatten(-1, (self.slots, -1))
         if self.binding == "bipolar":
             return k + (torch.sign(k) - k).detach()
-        spectrum = torch.fft.rfft(k.float())
+        spectrum = torch.fft.rfft(k.to(_fft_dtype(k)))  # fp32 at least
         return torch.fft.irfft(spectrum / (spectrum.abs() + 1e-6), n=k.shape[-1]).to(k.dtype)
 
     def bind_pair(self, key, value):
