@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import contextlib
 import copy
 import csv
@@ -45,8 +46,10 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -296,6 +299,7 @@ CONFIG_TABLE = {
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items: the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
     "ce_kernel": Key("auto", "system", one_of("auto", "cce", "torch"), "full-softmax cross-entropy: auto (the chunked loss over catalogs above ce_chunk; up to it, cut-cross-entropy's fused kernel on CUDA under bf16 autocast when the package imports, else F.cross_entropy) | cce (that kernel at every catalog size: the logits never reach GPU memory) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
+    "jobs": Key(1, "system", above(0), "benchmark, ablation and grid stages: train up to this many runs at once, each in its own worker process (they share one GPU, or take the visible GPUs in turn); 1 = one after another in this process"),
     "compile": Key(False, "system", None, "torch.compile the training forward (fused element-wise kernels; on CUDA still captured as a CUDA graph) and the streaming step (on CUDA captured in GraphedStream's graph)"),
     "data_dir": Key(os.environ.get("HOLOMAMBA_DATA_DIR", "data"), "system", None, "dataset folder (env HOLOMAMBA_DATA_DIR sets the default)"),
     "cache_dir": Key(os.environ.get("HOLOMAMBA_CACHE_DIR", "data/cache"), "system", None, "prepared datasets, keyed by the source files' checksums and the data keys, so a file is parsed once ('' = off; env HOLOMAMBA_CACHE_DIR sets the default)"),
@@ -333,6 +337,8 @@ CROSS_CHECKS = [
     ("ramrec_k_max", lambda c: c["ramrec_k_max"] >= c["ramrec_k_min"], "must be >= ramrec_k_min"),
     ("ramrec_slots", lambda c: c["ramrec_slots"] >= c["ramrec_k_max"], "must be >= ramrec_k_max"),
     ("ramrec_writes", lambda c: c["ramrec_writes"] <= c["ramrec_slots"], "must be in [1, ramrec_slots]"),
+    ("jobs", lambda c: c["jobs"] == 1 or int(os.environ.get("WORLD_SIZE", "1")) <= 1,
+     "must be 1 under torchrun (its processes already share the runs)"),
 ]
 
 # Presets are merged over GLOBAL_CONFIG; a key named after a dataset holds that dataset's own values.
@@ -3097,7 +3103,7 @@ def fit(model, data, cfg=None, *, distributed=False, desc="train", resume=None, 
         if step.average:  # an interrupted run's average goes on; a warm start's begins at the base's weights
             step.average.reset(resume.get("average"))
     start = time.perf_counter() - earlier
-    bar = tqdm(range(first, cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process(),
+    bar = tqdm(range(first, cfg["epochs"]), desc=desc, leave=False, disable=not is_main_process() or bool(WORKER),
                initial=first, total=cfg["epochs"])
     try:
         for epoch in bar:
@@ -3503,6 +3509,22 @@ class RunStore:
                 "best_state": copy.deepcopy(model.state_dict()), "stale": 0, "epoch": 0, "train_seconds": 0.0,
                 "seconds": 0.0}
 
+    def run_all(self, specs):
+        """self.run of every (cfg, model_name, seed) in specs, in their order. With --jobs=N > 1 (not under
+        torchrun) the runs not held yet train first, N at a time, in worker processes (in_workers); a memory
+        extension that starts from its base run (warm_start) waits until the bases have trained."""
+        if self.cfg["jobs"] > 1 and not torch.distributed.is_initialized():
+            waves = {}  # run key -> (wave, spec): bases and plain runs first, then the extensions
+            for cfg, name, seed in specs:
+                base = cfg["warm_start"] != "off" and model_class(name).extends(cfg)
+                if base:
+                    waves.setdefault(self.run_key(base[1], base[0], seed), (0, (base[1], base[0], seed)))
+                waves.setdefault(self.run_key(cfg, name, seed), (int(bool(base)), (cfg, name, seed)))
+            for wave in (0, 1):
+                todo = {key: spec for key, (w, spec) in waves.items() if w == wave and key not in self.runs}
+                self.runs.update(zip(todo, in_workers(self, train_run, list(todo.values()))))
+        return [self.run(cfg, name, seed) for cfg, name, seed in specs]
+
     @staticmethod
     def finished(record_path, checkpoint, data, tag):
         """The stored record of a finished run on the same data, or None (then it is trained)."""
@@ -3537,6 +3559,74 @@ class RunStore:
     def model(self, run, device=None):
         """The best weights of a finished run, loaded from its checkpoint (kept only while the caller holds it)."""
         return load(run.checkpoint, run.cfg["device"] if device is None else device)
+
+
+WORKER = {}  # in a worker process of in_workers: its index and its RunStore, kept between items
+
+
+def in_workers(store, fn, items, desc="runs"):
+    """[fn(store, item) for item in items], computed in min(--jobs, len(items)) worker processes at once. Each
+    worker is spawned (a fresh interpreter: CUDA cannot be forked), builds its own RunStore of store's config,
+    keeps it between items, and takes the visible GPUs in turn (they share one GPU where there is one). A bar
+    counts finished items, and each run prints its line when it ends. A Ctrl-C, or an error in one item, stops
+    every worker as a Ctrl-C stops a run in this process (its training state saved for --resume), cancels the
+    items not started, and is raised here once the workers are done."""
+    if store.cfg["jobs"] == 1 or len(items) <= 1:
+        return [fn(store, item) for item in tqdm(items, desc=desc, disable=not is_main_process() or len(items) <= 1)]
+    context = multiprocessing.get_context("spawn")
+    count, results = context.Value("i", 0), [None] * len(items)
+    jobs = min(store.cfg["jobs"], len(items))
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker,
+                                                initargs=(count, dict(store.cfg), sorted(store.given))) as pool:
+        futures = {pool.submit(call_in_worker, fn, item): i for i, item in enumerate(items)}
+        try:
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(items), desc=f"{desc} ({jobs} jobs)"):
+                results[futures[future]] = future.result()
+        except BaseException:
+            for child in multiprocessing.active_children():  # a worker already interrupted ignores it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGINT)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return results
+
+
+def start_worker(count, cfg, given):
+    """A worker process of in_workers: its index, its GPU (index modulo the visible ones when the device is
+    auto or cuda), its share of the CPU threads on the CPU, and its RunStore."""
+    with count.get_lock():
+        WORKER["index"], count.value = count.value, count.value + 1
+    signal.signal(signal.SIGINT, interrupt_worker)
+    device = pick_device(cfg["device"])
+    if device.type == "cuda" and device.index is None:
+        torch.cuda.set_device(WORKER["index"] % torch.cuda.device_count())
+    elif device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg["jobs"]))
+    WORKER["store"] = RunStore(cfg, given)
+
+
+def interrupt_worker(*_):
+    """A worker's first SIGINT (the terminal's Ctrl-C, or in_workers stopping it) interrupts what it runs; later
+    ones are ignored, so that a second signal cannot cut the saving of a run's state short, and the items
+    still queued to it are skipped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    WORKER["stopped"] = True
+    raise KeyboardInterrupt
+
+
+def call_in_worker(fn, item):
+    if WORKER.get("stopped"):
+        raise KeyboardInterrupt
+    return fn(WORKER["store"], item)
+
+
+def train_run(store, spec):
+    """One (cfg, model_name, seed) of run_all, trained (or reloaded) in a worker."""
+    cfg, name, seed = spec
+    if WORKER:  # (a lone item runs in the calling process)
+        where = f"cuda:{torch.cuda.current_device()}" if pick_device(cfg["device"]).type == "cuda" else "cpu"
+        tqdm.write(f"[{cfg['dataset']} | {name} | seed {seed}] worker {WORKER['index']} ({where})", file=sys.stderr)
+    return store.run(cfg, name, seed)
 
 
 def metric_rows(run, **extra):
@@ -3726,7 +3816,7 @@ def record_runs(store, runs, name, preset):
 def benchmark_stage(store, configs):
     """Every model of cfg['models'] on every dataset and seed; results/benchmark.csv, accuracy.csv, .md, and
     slices.csv (test metrics of every run on all users, short-history users and rarely seen target items)."""
-    runs = [store.run(cfg, m, s) for cfg in configs for m in as_list(cfg["models"]) for s in seeds(cfg)]
+    runs = store.run_all([(cfg, m, s) for cfg in configs for m in as_list(cfg["models"]) for s in seeds(cfg)])
     if not is_main_process():  # under DDP every rank holds the same runs; one writes them
         return [r for run in runs for r in metric_rows(run)]
     preset = store.cfg["preset"]
@@ -3756,7 +3846,7 @@ def write_summaries(results_dir, table, preset):
 
 def ablation_stage(store, configs):
     """Holographic binding vs the item-only Mamba on every dataset and seed; results/ablation.csv."""
-    runs = [store.run(cfg, m, s) for cfg in configs for m in ("HoloMamba", "Mamba-ItemOnly") for s in seeds(cfg)]
+    runs = store.run_all([(cfg, m, s) for cfg in configs for m in ("HoloMamba", "Mamba-ItemOnly") for s in seeds(cfg)])
     if is_main_process():
         record_runs(store, runs, "ablation", store.cfg["preset"])
     return [r for run in runs for r in metric_rows(run)]
@@ -3792,9 +3882,9 @@ def grid_trials(cfg):
 
 def grid_stage(store, configs):
     """HoloMamba over the grid on every dataset (first seed). Each finished trial is appended to grid_csv at
-    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun (or in several processes
-    sharing one grid log), each process takes the next trial nobody has claimed, so the trials are dealt out
-    as the processes free up and a killed process's unfinished trial is taken again by a rerun. Selection is
+    once, so a crash loses nothing and a rerun skips finished trials. Under torchrun, with --jobs, or in several
+    processes sharing one grid log, each process takes the next trial nobody has claimed, so the trials are dealt
+    out as the processes free up and a killed process's unfinished trial is taken again by a rerun. Selection is
     on validation NDCG@10; test is reported beside it."""
     best, path = {}, store.grid_csv
     # ranks wait for the slowest one's last trial, which may take hours: a CPU group that waits that long
@@ -3803,22 +3893,8 @@ def grid_stage(store, configs):
     for cfg in configs:
         dataset = cfg["dataset"]
         done = set(read_log(path)["trial"].astype(str))
-        for trial in tqdm(grid_trials(cfg), desc=f"grid {dataset}", disable=not is_main_process()):
-            trial_cfg = cfg.replace(**trial)
-            trial_key = f"{dataset}|{store.run_key(trial_cfg, 'HoloMamba', 0)[-1]}"  # = its run's hash
-            if trial_key in done or not claim_trial(path, trial_key):
-                continue
-            try:
-                run = store.run(trial_cfg, "HoloMamba", seeds(cfg)[0], distributed=False)
-            except TrainingError as exc:  # recorded, so that a rerun skips it instead of dying at it again
-                append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial, "error": str(exc)})
-                tqdm.write(f"grid trial {trial} failed: {exc}", file=sys.stderr)
-                continue
-            append_csv_row(path, {"trial": trial_key, "dataset": dataset, **trial,
-                                  **{f"valid_{c}": round(run.metrics["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
-                                  **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
-                                  "best_epoch": run.best_epoch, "epochs": run.epochs, "stopped_by": run.stopped_by,
-                                  "train_seconds": run.train_seconds})
+        todo = [(cfg, trial) for trial in grid_trials(cfg) if grid_key(store, cfg, trial) not in done]
+        in_workers(store, grid_trial, todo, desc=f"grid {dataset}")
         if patient is not None:
             torch.distributed.barrier(group=patient)
         table = read_log(path)
@@ -3833,6 +3909,30 @@ def grid_stage(store, configs):
                   + ", ".join(f"{k}={row[k]}" for k in parse_grid(store.cfg["grid"]) if k in row)
                   + f"  valid NDCG@10={row['valid_ndcg@10']:.4f}")
     return list(best.values())
+
+
+def grid_key(store, cfg, trial):
+    return f"{cfg['dataset']}|{store.run_key(cfg.replace(**trial), 'HoloMamba', 0)[-1]}"  # = its run's hash
+
+
+def grid_trial(store, spec):
+    """One trial (cfg, {key: value}) of the grid stage, unless another process claimed it: trained on the first
+    seed and appended to the grid log with its validation and test metrics, or with its error."""
+    cfg, trial = spec
+    path, key = store.grid_csv, grid_key(store, cfg, trial)
+    if not claim_trial(path, key):
+        return
+    try:
+        run = store.run(cfg.replace(**trial), "HoloMamba", seeds(cfg)[0], distributed=False)
+    except TrainingError as exc:  # recorded, so that a rerun skips it instead of dying at it again
+        append_csv_row(path, {"trial": key, "dataset": cfg["dataset"], **trial, "error": str(exc)})
+        tqdm.write(f"grid trial {trial} failed: {exc}", file=sys.stderr)
+        return
+    append_csv_row(path, {"trial": key, "dataset": cfg["dataset"], **trial,
+                          **{f"valid_{c}": round(run.metrics["valid"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                          **{f"test_{c}": round(run.metrics["test"][c], 6) for c in ("hr@10", "ndcg@10", "mrr")},
+                          "best_epoch": run.best_epoch, "epochs": run.epochs, "stopped_by": run.stopped_by,
+                          "train_seconds": run.train_seconds})
 
 
 class PeakMemory:
