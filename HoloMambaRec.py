@@ -275,6 +275,7 @@ CONFIG_TABLE = {
     "attribute_loss": Key(0.0, "training", at_least(0), "weight of next-attribute prediction: each state, unbound by each field's role, classifies the next item's attribute of that field"),
     "pretrain_epochs": Key(0, "training", at_least(0), "attribute pre-training: the first this many epochs train only the model's attribute objectives (attribute_loss, agreement_loss, masked_attribute_loss), without the next-item loss and without validation; then next-item training as usual (within epochs)"),
     "attribute_smoothing": Key(0.0, "training", fraction(), "HoloMamba: label smoothing toward the target's attribute neighbours: this share of the target's probability moves to the items that share its attributes (the items of each attribute equally, its attributes averaged); the shuffled control smooths toward its shuffled attributes, the item-only ablation ignores it"),
+    "attribute_neighbours": Key(0, "training", at_least(0), "HoloMamba, attribute smoothing's neighbours: 0 = per attribute, the items that carry it (as in attribute_smoothing); K > 0 = the K items that share the most attribute tokens with the target (ties to the more popular), weighted by the tokens they share (computed once per model build, over all item pairs)"),
     "agreement_loss": Key(0.0, "training", at_least(0), "weight of item-attribute agreement: an item's vector, unbound by each field's role, classifies its own attribute of that field"),
     "cloze_loss": Key(0.0, "training", at_least(0), "weight of masked-item (Cloze) prediction, as in BERT4Rec: input items are masked with probability mask_prob, and the same two-sided context as masked_attribute_loss scores each masked item against every item (full softmax); reads no attributes, so Mamba-ItemOnly takes it too (0 = off)"),
     "masked_attribute_loss": Key(0.0, "training", at_least(0), "weight of masked-attribute prediction (S3Rec's MAP in holographic form): input items are masked with probability mask_prob, and each masked position's two-sided context (the causal encoder's state plus a backward encoder's), unbound by each field's role, classifies the masked item's attribute of that field"),
@@ -452,7 +453,7 @@ SWITCH = {"true": True, "false": False}  # exclude_seen's explicit values; 'auto
 
 
 HASHED_WHEN_SET = ("pretrain_epochs", "attribute_smoothing", "frequency_mixing", "warm_start", "masked_attribute_loss",
-                   "mask_prob", "mixer", "headdim", "cloze_loss", "weight_average")
+                   "mask_prob", "mixer", "headdim", "cloze_loss", "weight_average", "attribute_neighbours")
 
 
 def run_hash(cfg):
@@ -1984,6 +1985,28 @@ def popularity_buckets(counts, n_buckets):
     return torch.log2(counts.double() + 1).floor().long().clamp(max=n_buckets - 1)
 
 
+def attribute_overlap_neighbours(item_attributes, k, item_counts=None):
+    """(ids, weights), each (n_items + 1, k): for each item, the k other items that share the most attribute
+    tokens with it (among equals the more popular first, when training counts are given), weighted by the tokens
+    shared, normalised to sum 1; an item that shares no token with any other (padding too) gets weights 0. The
+    shared counts are one product of the item-token incidence matrix with itself, taken in blocks of rows."""
+    n = len(item_attributes)
+    incidence = torch.zeros(n, int(item_attributes.max()) + 1).scatter_(1, item_attributes, 1.0)
+    incidence[:, :2] = 0  # 0 padding, 1 'no attribute'
+    incidence[0] = 0
+    order = torch.zeros(n) if item_counts is None else item_counts.double().argsort().argsort().float() / n
+    ids, weights, rows = [], [], max(1, 2 ** 24 // n)
+    for start in range(0, n, rows):
+        shared = incidence[start:start + rows] @ incidence.T  # (rows, n) tokens in common
+        own = torch.arange(start, min(start + rows, n))
+        shared[own - start, own] = 0
+        top = (shared + order).topk(min(k, n - 1), dim=1).indices  # order < 1: it only ranks equal counts
+        ids.append(top)
+        weights.append(shared.gather(1, top))
+    weights = torch.cat(weights)
+    return torch.cat(ids), weights / weights.sum(1, keepdim=True).clamp(min=1)
+
+
 class HoloMamba(Recommender):
     """Items bound to their attributes, then Mamba blocks with pre-norm residuals (and an optional feed-forward
     sublayer). The item vector (binding):
@@ -2050,6 +2073,8 @@ class HoloMamba(Recommender):
             same_field = (fields[:, :, None] == fields[:, None, :]).sum(-1)  # values of the slot's field in the item
             self.register_buffer("slot_weights", fields.gt(0) / same_field.clamp(min=1), persistent=False)
             self.field_gain = nn.Parameter(torch.ones(catalog.n_fields + 1))
+        self.neighbour_count = cfg["attribute_neighbours"] if self.use_binding else 0
+        self.set_attribute_neighbours(catalog.item_counts)
         self.frequency_mixing = cfg["frequency_mixing"]
         if self.frequency_mixing:
             if catalog.item_counts is None:
@@ -2069,6 +2094,14 @@ class HoloMamba(Recommender):
         for name, param in self.named_parameters():
             if name in unread:
                 param.requires_grad_(False)
+
+    def set_attribute_neighbours(self, item_counts):
+        """attribute_neighbours=K: each item's K overlap neighbours and their weights, from this model's attribute
+        table (the shuffled control calls it again on its shuffled table)."""
+        if self.neighbour_count:
+            ids, weights = attribute_overlap_neighbours(self.item_attributes, self.neighbour_count, item_counts)
+            self.register_buffer("neighbour_ids", ids, persistent=False)
+            self.register_buffer("neighbour_weights", weights, persistent=False)
 
     def set_scan_backend(self, name):
         self.scan_backend = name
@@ -2184,9 +2217,14 @@ class HoloMamba(Recommender):
     def attribute_neighbours(self, table):
         """(n_items + 1, d): for each item, the mean over its attributes of the mean output vector of the items
         that carry the attribute; the item's own vector where it has none. With uniform weights on the items of an
-        attribute, the smoothed target's expected logit is h · neighbour (see attribute_smoothing_term)."""
+        attribute, the smoothed target's expected logit is h · neighbour (see attribute_smoothing_term). With
+        attribute_neighbours=K: the mean of its K overlap neighbours' vectors, weighted by the tokens shared."""
         if not self.use_binding:
             return None
+        if self.neighbour_count:  # the weighted mean of the item's overlap neighbours (attribute_neighbours)
+            weights = self.neighbour_weights.to(table.dtype)
+            near = (F.embedding(self.neighbour_ids, table) * weights.unsqueeze(-1)).sum(-2)
+            return torch.where(weights.sum(-1, keepdim=True) > 0, near, table)
         attrs = self.item_attributes
         slots = attrs.gt(1).to(table.dtype)  # 0 padding, 1 'no attribute'
         sums = torch.zeros(self.attr_emb.num_embeddings, table.shape[1], device=table.device, dtype=table.dtype)
@@ -2374,6 +2412,7 @@ class HoloMambaShuffled(HoloMamba):
         for name in ("item_attributes", "attribute_fields", "slot_weights"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[order])
+        self.set_attribute_neighbours(catalog.item_counts)  # the neighbours of the shuffled attributes
 
 
 class CausalSelfAttentionBlock(nn.Module):

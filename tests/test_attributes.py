@@ -376,3 +376,51 @@ def test_cloze_loss_value_gradients_and_initial_weights(synthetic, name):
     assert model.eval()(H.Batch(seq[:, :-1], seq[:, 1:])).aux_loss == 0.0
     with pytest.raises(H.ConfigError, match="--cloze_loss=0.5: cannot be combined with memory_slots"):
         H.config("synthetic", cloze_loss=0.5, memory_slots=8, memory_len=10)
+
+
+def test_overlap_neighbours_of_a_hand_built_table():
+    """attribute_neighbours=K: the K items sharing the most tokens (0 padding and 1 'no attribute' never count),
+    equal counts ordered by training popularity, weights the shared counts normalised to sum 1, none for an item
+    that shares nothing."""
+    attrs = torch.tensor([[0, 0, 0], [2, 3, 0], [2, 3, 4], [2, 5, 0], [1, 0, 0], [6, 0, 0], [3, 4, 0]])
+    counts = torch.tensor([0, 5, 1, 9, 3, 2, 7])
+    ids, weights = H.attribute_overlap_neighbours(attrs, 3, counts)
+    assert ids[1].tolist() == [2, 3, 6] and weights[1].tolist() == [0.5, 0.25, 0.25]  # 2 shared, then 1 and 1 (9 > 7)
+    assert ids[2].tolist()[:2] == [6, 1] and torch.allclose(weights[2], torch.tensor([0.4, 0.4, 0.2]))  # 7 > 5
+    assert ids[3].tolist()[:2] == [1, 2] and weights[3].tolist() == [0.5, 0.5, 0.0]
+    assert ids[6].tolist()[:2] == [2, 1] and torch.allclose(weights[6], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    for row in (0, 4, 5):  # padding, 'no attribute', a token nobody else has
+        assert weights[row].sum() == 0
+
+
+def test_overlap_neighbour_smoothing_is_the_cross_entropy_of_the_smoothed_target(synthetic):
+    """With attribute_neighbours=K the soft target's attribute part is q_t = the overlap weights on t's K
+    neighbours (t itself where it shares nothing): the closed form against the cross-entropy built from it; the
+    shuffled control's neighbours are those of its shuffled table."""
+    eps, k = 0.3, 6
+    model = model_of(synthetic, attribute_neighbours=k).double()
+    table = model.output_table().detach()
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(3, 7, D, generator=g, dtype=torch.float64)
+    targets = torch.randint(1, synthetic.n_items + 1, (3, 7), generator=g)
+    cfg = H.config("synthetic", label_smoothing=0.1, attribute_smoothing=eps, device="cpu", ce_kernel="torch")
+    loss = H.next_item_loss(H.Output(hidden, targets), table, cfg, neighbours=model.attribute_neighbours(table))
+
+    n = synthetic.n_items
+    ids, weights = H.attribute_overlap_neighbours(model.item_attributes, k, synthetic.item_counts)
+    q = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    for t in range(1, n + 1):
+        for j, w in zip(ids[t].tolist(), weights[t].tolist()):
+            q[t, j] += w
+        if weights[t].sum() == 0:
+            q[t, t] = 1.0
+    t = targets.flatten()
+    soft = (0.9 - eps) * F.one_hot(t - 1, n).double() + 0.1 / n + eps * q[t, 1:]
+    assert torch.allclose(soft.sum(-1), torch.ones(len(t), dtype=torch.float64))
+    expected = -(soft * torch.log_softmax(hidden.flatten(0, 1) @ table[1:].T, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # the loss's softmax runs in fp32
+
+    shuffled = model_of(synthetic, "HoloMamba-Shuffled", attribute_neighbours=k)
+    ids, weights = H.attribute_overlap_neighbours(shuffled.item_attributes, k, synthetic.item_counts)
+    assert torch.equal(shuffled.neighbour_ids, ids) and torch.equal(shuffled.neighbour_weights, weights)
+    assert not torch.equal(shuffled.neighbour_ids, model.neighbour_ids)
