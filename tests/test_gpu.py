@@ -85,26 +85,56 @@ def test_mamba2_chunked_kernel_matches_the_parallel_block_in_values_and_gradient
     assert_kernel_block_matches_parallel(block)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or H.cce_kernel() is None, reason="needs CUDA and cut-cross-entropy")
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
-    """cut-cross-entropy through next_item_loss against F.cross_entropy, both under bf16 autocast (the kernel's
-    backward takes bf16), ignored rows included: loss to 1e-3 relative, gradients to 2% of their largest entry
-    (bf16 keeps 8 bits of mantissa; both paths round their matrix products to it)."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(4, 30, 16, generator=g).cuda().requires_grad_()
-    table = torch.randn(1001, 16, generator=g).cuda().requires_grad_()
-    targets = torch.randint(0, 1001, (4, 30), generator=g).cuda()
+def assert_fused_loss_matches_torch(kernel, smoothing, width, items, seed, table_scale=1.0):
+    """next_item_loss through `kernel` against F.cross_entropy, both under bf16 autocast, ignored rows included:
+    loss to 1e-3 relative, gradients to 2% of their largest entry (bf16 keeps 8 bits of mantissa; both paths
+    round their matrix products to it)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 30, width, generator=g).cuda().requires_grad_()
+    table = (torch.randn(items, width, generator=g) * table_scale).cuda().requires_grad_()
+    targets = torch.randint(0, items, (4, 30), generator=g).cuda()
     targets[:, :5] = 0
     cfg = H.config("synthetic", label_smoothing=smoothing)
     losses, grads = [], []
-    for kernel in ("cce", "torch"):
+    for name in (kernel, "torch"):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = H.next_item_loss(H.Output(hidden, targets), table, cfg.replace(ce_kernel=kernel))
+            loss = H.next_item_loss(H.Output(hidden, targets), table, cfg.replace(ce_kernel=name))
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [hidden, table]))
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(losses[0].float(), losses[1].float(), rtol=1e-3, atol=1e-5)
     for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or H.cce_kernel() is None, reason="needs CUDA and cut-cross-entropy")
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_cross_entropy_equals_the_torch_loss(smoothing):
+    """cut-cross-entropy (the kernel's backward takes bf16)."""
+    assert_fused_loss_matches_torch("cce", smoothing, 16, 1001, seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or H.triton_lse() is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("smoothing,width,items", [(0.0, 16, 1001), (0.1, 64, 3000), (0.1, 96, 517)])
+def test_triton_cross_entropy_equals_the_torch_loss(smoothing, width, items):
+    """The script's fused log-sum-exp kernels (ce_kernel=triton): widths that fill a tile and one padded to it
+    (96 -> 128), catalogs that end mid-tile, the items split over several programs."""
+    assert_fused_loss_matches_torch("triton", smoothing, width, items, seed=2, table_scale=width ** -0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or H.triton_lse() is None, reason="needs CUDA and Triton")
+def test_fused_log_sum_exp_equals_torch_on_many_rows():
+    """FusedLogSumExp in bf16 against torch.logsumexp of the same bf16 values in fp32, with rows split over
+    several programs for d/dw: lse to 1e-3, gradients to 2% of their largest entry."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5000, 64, generator=g).cuda().bfloat16().requires_grad_()
+    table = (torch.randn(300, 64, generator=g) / 8).cuda().bfloat16().requires_grad_()
+    weight = torch.rand(5000, generator=g).cuda()
+    lse = H.FusedLogSumExp.apply(hidden, table)
+    reference = torch.logsumexp(hidden.float() @ table.float().T, 1)
+    torch.testing.assert_close(lse, reference, rtol=0, atol=1e-3)
+    ours = torch.autograd.grad((lse * weight).sum(), [hidden, table])
+    theirs = torch.autograd.grad((reference * weight).sum(), [hidden, table])
+    for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
@@ -135,7 +165,7 @@ def step_losses(name, graphs, resume_after=0, compiled=False, keep=None, **extra
     """Training losses over 6 fixed batches (dropout off) with a graphed or an eager step (of the model, or of
     torch.compile of it). With resume_after=n, an eager step trains the first n batches and hands its optimizer
     state to the step under test. A list given as keep receives the step under test."""
-    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, amp=False, **extra)
+    cfg = H.config("synthetic", d_model=32, n_layers=2, max_len=20, dropout=0.0, batch_size=8, **{"amp": False, **extra})
     g = torch.Generator().manual_seed(0)
     batches = [H.fake_batch(50, 8, 20, "cuda", g) for _ in range(6)]
     torch.manual_seed(0)
@@ -160,6 +190,13 @@ def step_losses(name, graphs, resume_after=0, compiled=False, keep=None, **extra
 def test_cuda_graph_training_matches_eager(name):
     """The captured-and-replayed training step follows the eager step."""
     torch.testing.assert_close(step_losses(name, True), step_losses(name, False), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or H.triton_lse() is None, reason="needs CUDA and Triton")
+def test_cuda_graph_training_with_the_triton_loss_matches_eager():
+    """The fused log-sum-exp kernels inside a captured step (compiled before capture, launched in replay)."""
+    torch.testing.assert_close(step_losses("HoloMamba", True, amp=True, ce_kernel="triton"),
+                               step_losses("HoloMamba", False, amp=True, ce_kernel="triton"), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -41,3 +41,14 @@ def test_next_item_loss_chunks_only_large_catalogs():
     plain = H.next_item_loss(out, table, cfg.replace(ce_chunk=0))
     chunked = H.next_item_loss(out, table, cfg.replace(ce_chunk=16))  # 40 items > 16: three chunks
     torch.testing.assert_close(chunked.float(), plain, rtol=1e-6, atol=1e-6)  # the plain path computes fp32 logits
+
+
+def test_loss_path_on_the_cpu():
+    """auto on the CPU: F.cross_entropy, chunked above ce_chunk; the fused kernels ask for a CUDA device."""
+    cfg = H.config("synthetic", ce_chunk=1000)
+    cpu = torch.device("cpu")
+    assert H.loss_path(cfg, 1000, cpu) == "torch" and H.loss_path(cfg, 1001, cpu) == "chunked"
+    assert H.loss_path(cfg.replace(num_negatives=8), 1001, cpu) == "sampled"
+    for kernel in ("triton", "cce"):
+        with pytest.raises(H.ConfigError, match=f"--ce_kernel={kernel} needs a CUDA device"):
+            H.loss_path(cfg.replace(ce_kernel=kernel), 1000, cpu)
