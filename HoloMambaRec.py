@@ -298,7 +298,7 @@ CONFIG_TABLE = {
     "scan_backend": Key("auto", "system", one_of("auto", "cuda", "parallel", "reference"), "auto (cuda when mamba-ssm imports on a GPU, else parallel there; reference on the CPU) | cuda (mamba-ssm kernel) | parallel (PyTorch log-depth scan) | reference (loop over time); chosen once per model and device"),
     "ssd_chunk": Key(64, "system", above(0), "mixer=mamba2 on CUDA: the chunked scan's chunk length in steps"),
     "ce_chunk": Key(65536, "system", at_least(0), "full softmax over a catalog larger than this many items, where neither fused kernel is taken (ce_kernel=torch, or no Triton): the cross-entropy in chunks of this many items, recomputed in the backward, never holding the batch x length x catalog logits (0 = never)"),
-    "ce_kernel": Key("auto", "system", one_of("auto", "triton", "cce", "torch"), "full-softmax cross-entropy: auto (on CUDA under bf16 autocast the script's own fused log-sum-exp kernels, FusedLogSumExp, through Triton, which comes with PyTorch's CUDA builds; else cut-cross-entropy's fused kernel when the package imports, the chunked loss over catalogs above ce_chunk, F.cross_entropy) | triton (FusedLogSumExp: the logits never reach GPU memory) | cce (cut-cross-entropy's kernel at every catalog size) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
+    "ce_kernel": Key("auto", "system", one_of("auto", "triton", "cce", "torch"), "full-softmax cross-entropy: auto (on a CUDA GPU of compute capability 8.0 on, under bf16 autocast, the script's own fused log-sum-exp kernels, FusedLogSumExp, through Triton, which comes with PyTorch's CUDA builds; else cut-cross-entropy's fused kernel when the package imports, the chunked loss over catalogs above ce_chunk, F.cross_entropy) | triton (FusedLogSumExp: the logits never reach GPU memory) | cce (cut-cross-entropy's kernel at every catalog size) | torch (F.cross_entropy, chunked over catalogs above ce_chunk)"),
     "cuda_graphs": Key(True, "system", None, "capture the training step as a CUDA graph on CUDA (full softmax, no DDP / warm-up)"),
     "jobs": Key(1, "system", above(0), "benchmark, ablation and grid stages: train up to this many runs at once, each in its own worker process (they share one GPU, or take the visible GPUs in turn); 1 = one after another in this process"),
     "compile": Key(False, "system", None, "torch.compile the training forward (fused element-wise kernels; on CUDA still captured as a CUDA graph) and the streaming step (on CUDA captured in GraphedStream's graph)"),
@@ -2985,12 +2985,21 @@ def loss_path(cfg, n_items, device):
     if cfg["ce_kernel"] == "triton" and not usable:
         raise ConfigError("--ce_kernel=triton needs a CUDA device, --amp=true and Triton (it comes with PyTorch's "
                           "CUDA builds); use --ce_kernel=torch")
-    if cfg["ce_kernel"] == "triton" or (cfg["ce_kernel"] == "auto" and usable):
+    if cfg["ce_kernel"] == "triton" and (n_items + 1) * cfg["d_model"] >= 2 ** 31:
+        raise ConfigError(f"--ce_kernel=triton indexes the output table with 32-bit offsets: {n_items} items x "
+                          f"d_model {cfg['d_model']} is too large; use --ce_kernel=torch (chunked over --ce_chunk)")
+    if cfg["ce_kernel"] == "triton" or (cfg["ce_kernel"] == "auto" and usable and triton_suits(n_items, cfg, device)):
         return "triton"  # faster than both below at every catalog measured (README, Efficiency)
     chunked = cfg["ce_chunk"] and n_items > cfg["ce_chunk"]
     if uses_cce(cfg, device) and not (chunked and cfg["ce_kernel"] == "auto"):
         return "cut-cross-entropy"  # above ce_chunk the chunked loss is faster (README, Efficiency)
     return "chunked" if chunked else "torch"
+
+
+def triton_suits(n_items, cfg, device):
+    """Whether auto takes FusedLogSumExp: a GPU with bf16 tensor cores (compute capability 8.0 on; a T4 or V100
+    keeps the paths below) and a table whose offsets fit the kernels' 32-bit indexing."""
+    return torch.cuda.get_device_capability(device)[0] >= 8 and (n_items + 1) * cfg["d_model"] < 2 ** 31
 
 
 def attribute_smoothing_term(hidden, table, targets, neighbours):
