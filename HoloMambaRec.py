@@ -2917,21 +2917,6 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def lse_cross_entropy(hidden, table, targets, smoothing):
-    """The full-softmax loss of next_item_loss through FusedLogSumExp in the autocast dtype (targets < 0 carry
-    none): row = lse - z_target, label smoothing ε added in closed form as in fused_cross_entropy."""
-    dtype = torch.get_autocast_dtype("cuda") if hidden.is_cuda and torch.is_autocast_enabled("cuda") else hidden.dtype
-    h, w = hidden.to(dtype), table.to(dtype)
-    valid, safe = targets.ge(0), targets.clamp(min=0)
-    lse = FusedLogSumExp.apply(h, w)
-    with torch.autocast(hidden.device.type, enabled=False):
-        target_logits = (h.float() * F.embedding(safe, w).float()).sum(-1)
-        rows = lse - target_logits
-        if smoothing:
-            rows = rows + smoothing * (target_logits - h.float() @ w.float().mean(0))
-    return (rows * valid).sum() / valid.sum().clamp(min=1)
-
-
 @functools.lru_cache(maxsize=None)
 def cce_kernel():
     """cut-cross-entropy's fused linear cross-entropy (pip install cut-cross-entropy; Triton, CUDA only) as
@@ -2962,17 +2947,21 @@ def uses_cce(cfg, device):
     return usable and cfg["ce_kernel"] != "torch"
 
 
-def fused_cross_entropy(hidden, table, targets, smoothing):
-    """The full-softmax loss of next_item_loss through cce_kernel (targets < 0 carry none). Label smoothing ε is
-    added in closed form: smoothed row = row + ε (z_target - mean_v z_v), with mean_v z_v = h · mean_v w_v."""
+def fused_cross_entropy(hidden, table, targets, smoothing, kernel="cce"):
+    """The full-softmax loss of next_item_loss through a fused kernel (targets < 0 carry none): cce_kernel's rows,
+    or with kernel="triton" lse - z_target from FusedLogSumExp. Label smoothing ε is added in closed form:
+    smoothed row = row + ε (z_target - mean_v z_v), with mean_v z_v = h · mean_v w_v."""
     dtype = torch.get_autocast_dtype("cuda")
     h, w = hidden.to(dtype).contiguous(), table.to(dtype).contiguous()
     valid, safe = targets.ge(0), targets.clamp(min=0)
-    rows = cce_kernel()(h, w, safe)
-    if smoothing:
+    rows = FusedLogSumExp.apply(h, w) if kernel == "triton" else cce_kernel()(h, w, safe)
+    if kernel == "triton" or smoothing:
         with torch.autocast("cuda", enabled=False):
             target_logits = (h.float() * F.embedding(safe, w).float()).sum(-1)
-            rows = rows + smoothing * (target_logits - h.float() @ w.float().mean(0))
+            if kernel == "triton":
+                rows = rows - target_logits
+            if smoothing:
+                rows = rows + smoothing * (target_logits - h.float() @ w.float().mean(0))
     return (rows * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -2982,24 +2971,23 @@ def loss_path(cfg, n_items, device):
     if cfg["num_negatives"]:
         return "sampled"
     usable = device.type == "cuda" and torch.is_autocast_enabled("cuda") and triton_lse() is not None
-    if cfg["ce_kernel"] == "triton" and not usable:
-        raise ConfigError("--ce_kernel=triton needs a CUDA device, --amp=true and Triton (it comes with PyTorch's "
-                          "CUDA builds); use --ce_kernel=torch")
-    if cfg["ce_kernel"] == "triton" and (n_items + 1) * cfg["d_model"] >= 2 ** 31:
-        raise ConfigError(f"--ce_kernel=triton indexes the output table with 32-bit offsets: {n_items} items x "
-                          f"d_model {cfg['d_model']} is too large; use --ce_kernel=torch (chunked over --ce_chunk)")
-    if cfg["ce_kernel"] == "triton" or (cfg["ce_kernel"] == "auto" and usable and triton_suits(n_items, cfg, device)):
-        return "triton"  # faster than both below at every catalog measured (README, Efficiency)
+    fits = (n_items + 1) * cfg["d_model"] < 2 ** 31  # the kernels index the table with 32-bit offsets
+    if cfg["ce_kernel"] == "triton":
+        if not usable:
+            raise ConfigError("--ce_kernel=triton needs a CUDA device, --amp=true and Triton (it comes with "
+                              "PyTorch's CUDA builds); use --ce_kernel=torch")
+        if not fits:
+            raise ConfigError(f"--ce_kernel=triton indexes the output table with 32-bit offsets: {n_items} items x "
+                              f"d_model {cfg['d_model']} is too large; use --ce_kernel=torch (chunked over --ce_chunk)")
+        return "triton"
+    # auto: on GPUs with bf16 tensor cores (a T4 or V100 keeps the paths below), faster than both of them at every
+    # catalog measured (README, Efficiency)
+    if cfg["ce_kernel"] == "auto" and usable and fits and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "triton"
     chunked = cfg["ce_chunk"] and n_items > cfg["ce_chunk"]
     if uses_cce(cfg, device) and not (chunked and cfg["ce_kernel"] == "auto"):
         return "cut-cross-entropy"  # above ce_chunk the chunked loss is faster (README, Efficiency)
     return "chunked" if chunked else "torch"
-
-
-def triton_suits(n_items, cfg, device):
-    """Whether auto takes FusedLogSumExp: a GPU with bf16 tensor cores (compute capability 8.0 on; a T4 or V100
-    keeps the paths below) and a table whose offsets fit the kernels' 32-bit indexing."""
-    return torch.cuda.get_device_capability(device)[0] >= 8 and (n_items + 1) * cfg["d_model"] < 2 ** 31
 
 
 def attribute_smoothing_term(hidden, table, targets, neighbours):
@@ -3023,10 +3011,9 @@ def next_item_loss(out, table, cfg, item_log_q=None, item_weight=1.0, neighbours
     attribute_smoothing moves that share of each target's probability to its attribute neighbours."""
     hidden, targets = out.hidden, out.targets
     path = loss_path(cfg, len(table) - 1, hidden.device)
-    if path == "triton":
-        loss = lse_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"])
-    elif path == "cut-cross-entropy":
-        loss = fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"])
+    if path in ("triton", "cut-cross-entropy"):
+        loss = fused_cross_entropy(hidden.flatten(0, 1), table[1:], targets.flatten() - 1, cfg["label_smoothing"],
+                                   "triton" if path == "triton" else "cce")
     elif path == "chunked":  # products in the autocast dtype: the backward runs outside autocast
         autocast_on = hidden.is_cuda and torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if autocast_on else hidden.dtype
